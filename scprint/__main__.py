@@ -1,0 +1,5 @@
+import sys
+
+from scprint.cli import main
+
+sys.exit(main())

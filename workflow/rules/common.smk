@@ -1,0 +1,154 @@
+import shlex
+from pathlib import Path
+
+import pandas as pd
+from snakemake.utils import validate
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+# Every job, local or on a cluster node, finds the laminDB instance through settings kept
+# in the project directory, runs the scprint package of this repository (also inside the
+# per-rule conda environments, which hold only the dependencies) and logs W&B offline
+# unless the user's WANDB_MODE says otherwise.
+SCPRINT_ROOT = Path(workflow.basedir).parent
+shell.prefix(
+    f"export LAMIN_SETTINGS_DIR={shlex.quote(str(Path(config['lamin']['settings_dir']).resolve()))}; "
+    f"export PYTHONPATH={shlex.quote(str(SCPRINT_ROOT))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+    "export WANDB_MODE=${{WANDB_MODE:-offline}}; "
+)
+
+LAMIN_INSTANCE = "results/lamin_instance.json"
+ONTOLOGIES = "results/ontologies.json"
+DATASETS = "results/datasets.tsv"
+RAW = "data/raw/{dataset}.h5ad"
+PROCESSED = "data/processed/{dataset}.h5ad"
+PREPROCESS_REPORT = "results/preprocess/{dataset}.json"
+COLLECTION = "results/collection.json"
+GENE_POSITIONS = "data/main/gene_positions.parquet"
+GENE_EMBEDDINGS = "data/main/gene_embeddings.parquet"
+MISSING_PROTEINS = "results/gene_embeddings_missing.tsv"
+DEMO_DIR = "resources/demo"
+TINY_ESM = "resources/tiny-esm2"
+RUN = config["train"]["run"]
+CHECKPOINT = f"checkpoints/{RUN}/last.ckpt"
+TRAIN_SUMMARY = f"results/train/{RUN}.json"
+
+wildcard_constraints:
+    dataset=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+
+
+def all_outputs():
+    return [ONTOLOGIES, COLLECTION, GENE_POSITIONS, GENE_EMBEDDINGS, CHECKPOINT, TRAIN_SUMMARY]
+
+
+def organism_args():
+    return " ".join(f"--organism {o}" for o in config["organisms"])
+
+
+def repeated(flag, values):
+    """`--flag v1 --flag v2` for list-valued config, quoted for the shell."""
+    return " ".join(f"{flag} {shell_quote(v)}" for v in values)
+
+
+def shell_quote(value):
+    return shlex.quote(str(value))
+
+
+def lamin_db_arg():
+    db = config["lamin"]["db"]
+    return f"--db {shell_quote(db)}" if db else ""
+
+
+def dataset_source_dir():
+    source = config["datasets"]["source"]
+    if source == "demo":
+        return f"{DEMO_DIR}/datasets"
+    if source == "local":
+        return config["datasets"]["local_dir"]
+    return None
+
+
+def listing_inputs(wildcards):
+    return [f"{DEMO_DIR}/demo.json"] if config["datasets"]["source"] == "demo" else []
+
+
+def listing_args():
+    ds = config["datasets"]
+    source = "cellxgene" if ds["source"] == "cellxgene" else "local"
+    args = [f"--source {source}", organism_args(), f"--min-cells {ds['min_cells']}"]
+    if source == "cellxgene":
+        args.append(f"--api {shell_quote(ds['cellxgene_api'])}")
+    else:
+        args.append(f"--local-dir {shell_quote(dataset_source_dir())}")
+    args += [repeated("--assay", ds["assays"]), repeated("--include", ds["include"])]
+    args.append(repeated("--exclude", ds["exclude"]))
+    if ds["limit"] is not None:
+        args.append(f"--limit {ds['limit']}")
+    return " ".join(a for a in args if a)
+
+
+def dataset_ids():
+    """Dataset ids from the listing (a checkpoint: known once list_datasets has run)."""
+    listing = checkpoints.list_datasets.get().output.tsv
+    return pd.read_csv(listing, sep="\t", dtype=str)["dataset_id"].tolist()
+
+
+def processed_datasets(wildcards):
+    return expand(PROCESSED, dataset=dataset_ids())
+
+
+def preprocess_reports(wildcards):
+    return expand(PREPROCESS_REPORT, dataset=dataset_ids())
+
+
+def preprocess_args():
+    p = config["preprocess"]
+    flags = [
+        f"--min-valid-genes-id {p['min_valid_genes_id']}",
+        f"--min-nnz-genes {p['min_nnz_genes']}",
+        f"--min-dataset-size {p['min_dataset_size']}",
+        f"--maxdropamount {p['maxdropamount']}",
+        "--is-symbol" if p["is_symbol"] else "--no-is-symbol",
+        "--skip-validate" if p["skip_validate"] else "--no-skip-validate",
+    ]
+    return " ".join(flags)
+
+
+def embedding_model_inputs(wildcards):
+    """The ESM2 weights when they are a local folder (the tiny demo model is built here)."""
+    model = config["gene_embeddings"]["model"]
+    return [model] if model == TINY_ESM or Path(model).exists() else []
+
+
+def fasta_files():
+    """organism -> local FASTA; the demo's come from the demo_data rule."""
+    fasta = dict(config["gene_embeddings"]["fasta"])
+    if config["datasets"]["source"] == "demo":
+        for organism, species in (("NCBITaxon:9606", "homo_sapiens"), ("NCBITaxon:10090", "mus_musculus")):
+            fasta.setdefault(organism, f"{DEMO_DIR}/proteins/{species}.pep.fa.gz")
+    return {org: path for org, path in fasta.items() if org in config["organisms"]}
+
+
+def embedding_fasta_inputs(wildcards):
+    return [path for path in fasta_files().values() if "://" not in path]
+
+
+def embedding_args():
+    e = config["gene_embeddings"]
+    args = [
+        organism_args(),
+        f"--model {shell_quote(e['model'])}",
+        f"--fasta-base-url {shell_quote(e['fasta_base_url'])}",
+        f"--max-tokens-per-batch {e['max_tokens_per_batch']}",
+        repeated("--fasta", [f"{org}={path}" for org, path in fasta_files().items()]),
+    ]
+    return " ".join(a for a in args if a)
+
+
+def train_args():
+    t = config["train"]
+    args = [repeated("--config", t["configs"])]
+    if t["args"]:
+        args.append("-- " + " ".join(shell_quote(a) for a in t["args"]))
+    return " ".join(args)
