@@ -157,11 +157,11 @@ def make_dataset(spec: DemoDataset, genes, seed: int):
     )
     for column in obs.columns.drop("is_primary_data"):
         obs[column] = obs[column].astype("category")
-    var = pd.DataFrame(
-        {"feature_is_filtered": False}, index=pd.Index(genes["gene_id"].to_numpy())
-    )
-    uns = {"title": f"scPRINT pipeline demo: {spec.dataset_id} (synthetic counts)",
-           "organism_ontology_term_id": spec.organism}
+    var = pd.DataFrame({"feature_is_filtered": False}, index=pd.Index(genes["gene_id"].to_numpy()))
+    uns = {
+        "title": f"scPRINT pipeline demo: {spec.dataset_id} (synthetic counts)",
+        "organism_ontology_term_id": spec.organism,
+    }
     obsm = {"X_umap": _embedding(rng, labels, n_types)}
     matrix = sp.csr_matrix(counts)
     if not spec.normalized_x:
@@ -170,7 +170,10 @@ def make_dataset(spec: DemoDataset, genes, seed: int):
     normalized = counts / counts.sum(axis=1, keepdims=True).clip(min=1) * 1e4
     adata = ad.AnnData(
         X=sp.csr_matrix(np.log1p(normalized).astype(np.float32)),
-        obs=obs, var=var, uns=uns, obsm=obsm,
+        obs=obs,
+        var=var,
+        uns=uns,
+        obsm=obsm,
     )
     adata.raw = raw
     return adata
@@ -208,15 +211,23 @@ def write_demo(out: Path, n_genes: int = 1200, seed: int = 0) -> dict:
         with atomic_path(path) as tmp:
             adata.write_h5ad(tmp, compression="gzip")
         summary["datasets"].append(
-            {"dataset_id": spec.dataset_id, "organism": spec.organism, "n_cells": spec.n_cells,
-             "n_genes": adata.n_vars, "normalized_x": spec.normalized_x, "path": str(path)}
+            {
+                "dataset_id": spec.dataset_id,
+                "organism": spec.organism,
+                "n_cells": spec.n_cells,
+                "n_genes": adata.n_vars,
+                "normalized_x": spec.normalized_x,
+                "path": str(path.relative_to(out)),
+            }
         )
         log.info("wrote %s (%d cells x %d genes)", path, adata.n_obs, adata.n_vars)
     for organism, genes in genes_by_organism.items():
         path = out / "proteins" / f"{GENCODE_NAME[organism]}.pep.fa.gz"
-        with atomic_path(path) as tmp, gzip.GzipFile(tmp, "wb", mtime=0) as fh:
-            fh.write(protein_fasta(organism, genes, seed).encode())
-        summary["proteins"][organism] = str(path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+            # no file name or time in the gzip header: the same seed gives the same bytes
+            with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as fh:
+                fh.write(protein_fasta(organism, genes, seed).encode())
+        summary["proteins"][organism] = str(path.relative_to(out))
     write_json(out / "demo.json", summary)
     write_text(out / "README.txt", __doc__)
     return summary
