@@ -1,0 +1,142 @@
+"""The Snakemake workflow itself: lint, config validation, dry runs and the whole demo DAG.
+
+The whole-DAG run happens once per module (real stages, real laminDB, tiny model) and the
+tests below read what it left behind, then rerun parts of it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO
+
+SNAKEFILE = REPO / "workflow" / "Snakefile"
+EVERY_RULE = {
+    "lamin_instance", "ontologies", "demo_data", "list_datasets", "download", "preprocess",
+    "collection", "gene_positions", "tiny_esm", "gene_embeddings", "train",
+}  # fmt: skip
+
+
+def make_workdir(path: Path) -> Path:
+    """A project directory as a user has it: the repository's config/ beside the data."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "config", path / "config", dirs_exist_ok=True)
+    return path
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir), *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if check and proc.returncode != 0:
+        logs = "\n".join(
+            f"--- {log}\n{log.read_text()[-3000:]}" for log in sorted(workdir.glob("logs/*/*.log"))
+        )
+        raise AssertionError(
+            f"snakemake {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-6000:]}\n{logs}"
+        )
+    return proc
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Parse Snakemake's 'Job stats' table into {rule: count}."""
+    table = output.split("Job stats:")[-1]
+    rows = re.findall(r"^(\w+)\s+(\d+)\s*$", table, flags=re.M)
+    return {rule: int(n) for rule, n in rows if rule != "total"}
+
+
+DEMO = "--configfile=config/demo.yaml"
+
+
+def test_lint_is_clean(tmp_path):
+    proc = snakemake(make_workdir(tmp_path), "--lint", DEMO)
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+def test_config_is_validated_against_the_schema(tmp_path):
+    workdir = make_workdir(tmp_path)
+    bad = yaml.safe_load((workdir / "config" / "demo.yaml").read_text())
+    bad["datasets"]["source"] = "figshare"
+    bad["preprocess"]["min_nnz_gene"] = 3  # typo of min_nnz_genes
+    (workdir / "config" / "bad.yaml").write_text(yaml.safe_dump(bad))
+    proc = snakemake(workdir, "-n", "--configfile=config/bad.yaml", "all", check=False)
+    assert proc.returncode != 0
+    assert "figshare" in proc.stderr and "is not one of" in proc.stderr
+
+
+def test_dry_run_shows_every_stage_before_anything_ran(tmp_path):
+    proc = snakemake(make_workdir(tmp_path), "-n", DEMO, "all")
+    counts = job_counts(proc.stdout)
+    # download and preprocess fan out per dataset once the listing (a checkpoint) exists
+    assert set(counts) == EVERY_RULE - {"download", "preprocess"} | {"all"}
+    assert "checkpoint" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    """The whole DAG on the demo config, exactly as `make demo` runs it."""
+    workdir = make_workdir(tmp_path_factory.mktemp("dag"))
+    snakemake(workdir, "--profile", str(REPO / "profiles" / "local"), "-c2", DEMO, "all")
+    return workdir
+
+
+@pytest.mark.slow
+def test_whole_dag_produces_a_checkpoint_from_the_demo(demo_run):
+    import torch
+
+    listing = pd.read_csv(demo_run / "results" / "datasets.tsv", sep="\t")
+    assert sorted(listing["dataset_id"]) == [
+        "demo-human-blood", "demo-human-lung", "demo-mouse-brain", "demo-mouse-lung",
+    ]  # fmt: skip
+    for dataset in listing["dataset_id"]:
+        assert (demo_run / "data" / "processed" / f"{dataset}.h5ad").stat().st_size > 0
+    collection = yaml.safe_load((demo_run / "results" / "collection.json").read_text())
+    assert collection["n_datasets"] == 4 and collection["key"] == "scprint-demo"
+    embeddings = pd.read_parquet(demo_run / "data" / "main" / "gene_embeddings.parquet")
+    assert embeddings.index.name == "ensembl_gene_id" and len(embeddings) >= 2000
+    positions = pd.read_parquet(demo_run / "data" / "main" / "gene_positions.parquet")
+    assert set(embeddings.index) <= set(positions.index)
+    ckpt = torch.load(demo_run / "checkpoints" / "demo" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] > 0 and ckpt["state_dict"]
+    summary = yaml.safe_load((demo_run / "results" / "train" / "demo.json").read_text())
+    assert summary["run"] == "demo"
+
+
+@pytest.mark.slow
+def test_finished_dag_dry_run_has_nothing_to_do_and_forced_shows_every_rule(demo_run):
+    assert "Nothing to be done" in snakemake(demo_run, "-n", DEMO, "all").stdout
+    forced = job_counts(snakemake(demo_run, "-n", "-F", DEMO, "all").stdout)
+    assert set(forced) == EVERY_RULE | {"all"}
+    assert forced["download"] == forced["preprocess"] == 4
+
+
+@pytest.mark.slow
+def test_rerun_gene_embeddings_alone(demo_run):
+    outputs = [p for p in demo_run.rglob("*") if p.is_file() and ".snakemake" not in p.parts]
+    before = {p: p.stat().st_mtime_ns for p in outputs}
+    embeddings = demo_run / "data" / "main" / "gene_embeddings.parquet"
+    content = pd.read_parquet(embeddings)
+    proc = snakemake(demo_run, "-c2", DEMO, "-R", "gene_embeddings", "-U", "gene_embeddings")
+    assert job_counts(proc.stdout + proc.stderr) == {"gene_embeddings": 1}
+    changed = {p for p, t in before.items() if p.exists() and p.stat().st_mtime_ns != t}
+    assert embeddings in changed
+    unrelated = {p for p in changed if "gene_embeddings" not in p.name}
+    assert not unrelated, f"rerunning gene_embeddings touched {sorted(map(str, unrelated))}"
+    pd.testing.assert_frame_equal(pd.read_parquet(embeddings), content)  # deterministic
