@@ -63,7 +63,9 @@ class FileServer:
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> FileServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         return self
 

@@ -216,7 +216,10 @@ def fetch_http(row, part: Path, retries: int, timeout: float, backoff: float) ->
             log.warning("%s holds more than %d bytes; starting over", part, expected)
             part.unlink()
             offset = 0
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        # identity: offsets and byte counts must refer to the file, not a compressed stream
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
         with session.get(row.url, headers=headers, stream=True, timeout=timeout) as response:
             if response.status_code == 416 and offset:
                 part.unlink()
