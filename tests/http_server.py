@@ -2,9 +2,10 @@
 
 It serves byte strings registered under URL paths, answers HTTP Range requests (206 with
 Content-Range) unless told not to, and can misbehave on purpose: drop the connection part
-way through a body, answer 500 for the first N requests, serve corrupted bytes, or trickle
-bytes slowly so a test can kill a client mid-transfer. Every request is logged (path and
-headers) so tests can assert what the client asked for.
+way through a body, answer 500 for the first N requests, serve corrupted or truncated
+files (a wrong checksum or size with consistent headers), or trickle bytes slowly so a test
+can kill a client mid-transfer. Every request is logged (path, headers, status, bytes sent)
+so tests can assert what the client asked for.
 
     with FileServer() as server:
         server.add("/data/a.h5ad", payload)
@@ -35,6 +36,7 @@ class Faults:
     drop_times: int = 1  # ... on this many responses, then send whole bodies
     range_support: bool = True  # False: ignore Range and always send 200 with the whole file
     corrupt: bool = False  # flip one byte in the middle of every body (same length)
+    truncate_to: int | None = None  # serve only the first N bytes as if that were the file
     bytes_per_second: float | None = None  # trickle bodies at about this rate
 
 
@@ -125,6 +127,8 @@ class FileServer:
                 body = server.files.get(record.path)
                 if body is None:
                     return self._send_simple(record, 404, b"not found\n")
+                if faults.truncate_to is not None:
+                    body = body[: faults.truncate_to]
                 if faults.corrupt and body:
                     middle = len(body) // 2
                     body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]

@@ -120,6 +120,20 @@ def test_resume_without_md5_still_byte_identical(server, payload, tmp_path):
     assert [r.status for r in server.requests] == [200, 206, 206]
 
 
+def test_leftover_part_complete_or_oversized(server, payload, tmp_path):
+    """A run killed between the last byte and the rename; a .part from another file."""
+    part = tmp_path / "data" / "raw" / f"{DATASET}.h5ad.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(payload)
+    out = run_download(tmp_path, row_for(server.url(PATH), payload))
+    assert out.read_bytes() == payload and not part.exists()
+    assert server.requests == []  # only verified, nothing fetched
+    out.unlink()
+    part.write_bytes(payload + b"junk")
+    assert run_download(tmp_path, row_for(server.url(PATH), payload)).read_bytes() == payload
+    assert [r.headers.get("Range") for r in server.requests] == [None]
+
+
 def test_server_without_range_support_restarts_from_zero(server, payload, tmp_path):
     server.faults.range_support = False
     server.faults.drop_after_bytes = len(payload) // 2
@@ -153,6 +167,15 @@ def test_wrong_size_is_a_clear_error(server, payload, tmp_path):
     row = row_for(server.url(PATH), payload, with_md5=False, size_bytes=len(payload) - 10)
     with pytest.raises(StageError, match=rf"size mismatch: expected {len(payload) - 10} bytes"):
         run_download(tmp_path, row)
+    assert leftovers(tmp_path) == []
+
+
+def test_server_sending_a_shorter_file_is_a_size_error(server, payload, tmp_path):
+    server.faults.truncate_to = len(payload) - 1000  # consistent headers, wrong file
+    with pytest.raises(StageError) as err:
+        run_download(tmp_path, row_for(server.url(PATH), payload, with_md5=False))
+    assert f"expected {len(payload)} bytes, got {len(payload) - 1000}" in str(err.value)
+    assert "scprint list-datasets" in str(err.value)
     assert leftovers(tmp_path) == []
 
 

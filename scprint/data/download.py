@@ -258,7 +258,8 @@ def fetch_http(row, part: Path, retries: int, timeout: float, backoff: float) ->
         backoff=backoff,
         fix=(
             "check the network from this node (cluster compute nodes often have none: run "
-            f"downloads where there is internet), then rerun; {part} is kept and resumed"
+            f"downloads where there is internet), then rerun: what {part.name} holds is kept "
+            "and the rerun resumes from it"
         ),
         progress=lambda: part.stat().st_size if part.exists() else 0,
         refused_fix="the url is stale or not public: rerun `scprint list-datasets` to refresh it",
