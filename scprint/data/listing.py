@@ -1,0 +1,339 @@
+"""`scprint list-datasets`: which datasets the pipeline downloads, as one TSV.
+
+Sources:
+- ``cellxgene``: CELLxGENE Discover's public Curation API, ``GET {api}/datasets`` (no key
+  needed). Each dataset gives its id, title, organism and assay terms, cell count and an
+  H5AD asset (url, filesize). The API publishes no checksum, so ``md5`` stays empty and the
+  download verifies the size only.
+- ``local``: every ``*.h5ad`` in a folder (not recursive). The dataset id is the file stem;
+  organism, assay and cell count are read from the file's obs (organism falls back to
+  ``uns['organism_ontology_term_id']``, where CELLxGENE schema 5+ keeps it); the url is
+  ``file://`` + the absolute path; the md5 is computed.
+
+Filters, applied in this order: include (keep only these ids; an id missing from the
+source is an error, it is usually a typo), exclude, organism (any of the dataset's
+organisms matches), assay (any match), min cells (a dataset with an unknown count is
+dropped). Then rows are sorted by dataset id and ``--limit`` keeps the first N. Ids that
+are not safe file names are refused after filtering, so ``--exclude`` is the way around
+one. The same input always gives a byte-identical TSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import hashlib
+import logging
+import re
+from pathlib import Path
+
+from scprint.io import StageError, check_dataset_id, write_text
+
+log = logging.getLogger(__name__)
+
+DEFAULT_API = "https://api.cellxgene.cziscience.com/curation/v1"
+COLUMNS = ("dataset_id", "title", "organism", "assay", "n_cells", "url", "size_bytes", "md5")
+MULTI_SEP = ";"  # joins several organism / assay ids in one cell
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetRow:
+    """One row of datasets.tsv; ``organism``/``assay`` are sorted tuples of ontology ids."""
+
+    dataset_id: str
+    title: str
+    organism: tuple[str, ...]
+    assay: tuple[str, ...]
+    n_cells: int | None
+    url: str
+    size_bytes: int | None
+    md5: str = ""
+
+    def to_fields(self) -> list[str]:
+        return [
+            self.dataset_id,
+            _one_line(self.title),
+            MULTI_SEP.join(self.organism),
+            MULTI_SEP.join(self.assay),
+            "" if self.n_cells is None else str(self.n_cells),
+            self.url,
+            "" if self.size_bytes is None else str(self.size_bytes),
+            self.md5,
+        ]
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> DatasetRow:
+        def ids(text: str) -> tuple[str, ...]:
+            return tuple(x for x in text.split(MULTI_SEP) if x)
+
+        def integer(text: str) -> int | None:
+            return int(text) if text else None
+
+        return cls(
+            dataset_id=fields["dataset_id"],
+            title=fields["title"],
+            organism=ids(fields["organism"]),
+            assay=ids(fields["assay"]),
+            n_cells=integer(fields["n_cells"]),
+            url=fields["url"],
+            size_bytes=integer(fields["size_bytes"]),
+            md5=fields["md5"],
+        )
+
+
+def _one_line(text: str) -> str:
+    """Titles go into a TSV cell: no tabs or newlines."""
+    return re.sub(r"\s+", " ", text or "").strip()
+
+
+# -- reading and writing the TSV --------------------------------------------------------
+def format_listing(rows: list[DatasetRow]) -> str:
+    lines = ["\t".join(COLUMNS)]
+    lines += ["\t".join(row.to_fields()) for row in sorted(rows, key=lambda r: r.dataset_id)]
+    return "\n".join(lines) + "\n"
+
+
+def read_listing(path: str | Path) -> dict[str, DatasetRow]:
+    """datasets.tsv as {dataset_id: row}; a missing file or wrong header is a StageError."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"listing {path} does not exist: run `scprint list-datasets` first")
+    lines = path.read_text().splitlines()
+    if not lines or tuple(lines[0].split("\t")) != COLUMNS:
+        raise StageError(
+            f"listing {path} does not start with the header {' '.join(COLUMNS)}: "
+            "it was not written by `scprint list-datasets`; rerun that stage"
+        )
+    rows = {}
+    for number, line in enumerate(lines[1:], start=2):
+        values = line.split("\t")
+        if len(values) != len(COLUMNS):
+            raise StageError(
+                f"listing {path} line {number} has {len(values)} columns, expected "
+                f"{len(COLUMNS)}: rerun `scprint list-datasets`"
+            )
+        row = DatasetRow.from_fields(dict(zip(COLUMNS, values, strict=True)))
+        rows[row.dataset_id] = row
+    return rows
+
+
+# -- sources ----------------------------------------------------------------------------
+def _term_ids(terms) -> tuple[str, ...]:
+    """Sorted unique ontology ids from the API's [{label, ontology_term_id}, ...]."""
+    return tuple(sorted({t["ontology_term_id"] for t in terms or [] if t.get("ontology_term_id")}))
+
+
+def rows_from_curation_api(datasets: list[dict]) -> list[DatasetRow]:
+    """Turn the Curation API's dataset list into rows; datasets without an H5AD are skipped."""
+    rows = []
+    for dataset in datasets:
+        dataset_id = str(dataset.get("dataset_id") or "")
+        h5ad = [a for a in dataset.get("assets") or [] if a.get("filetype") == "H5AD"]
+        url = (h5ad[0].get("url") or h5ad[0].get("presigned_url")) if h5ad else None
+        if not url:
+            log.warning("dataset %s has no H5AD asset; skipped", dataset_id)
+            continue
+        size = h5ad[0].get("filesize")
+        cells = dataset.get("cell_count")
+        rows.append(
+            DatasetRow(
+                dataset_id=dataset_id,
+                title=dataset.get("title") or "",
+                organism=_term_ids(dataset.get("organism")),
+                assay=_term_ids(dataset.get("assay")),
+                n_cells=None if cells is None else int(cells),
+                url=url,
+                size_bytes=None if size is None else int(size),
+            )
+        )
+    return rows
+
+
+def fetch_curation_api(api: str, retries: int, timeout: float, backoff: float) -> list[dict]:
+    """``GET {api}/datasets`` with retries; the answer must be a JSON list."""
+    from scprint.data.download import http_session, with_retries
+
+    url = api.rstrip("/") + "/datasets"
+    session = http_session()
+
+    def get():
+        response = session.get(url, timeout=timeout)
+        response.raise_for_status()
+        return response
+
+    response = with_retries(
+        get,
+        what=f"listing {url}",
+        retries=retries,
+        backoff=backoff,
+        refused_fix="check --api (the Curation API base, ending in /curation/v1)",
+    )
+    try:
+        datasets = response.json()
+    except ValueError as err:
+        raise StageError(f"{url} did not answer JSON ({err}): check --api") from err
+    if not isinstance(datasets, list):
+        raise StageError(f"{url} answered a {type(datasets).__name__}, not a list of datasets")
+    log.info("%s: %d datasets", url, len(datasets))
+    return datasets
+
+
+def file_md5(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _obs_terms(obs, uns, column: str) -> tuple[str, ...]:
+    """Unique values of an obs column (categorical or plain), else of uns[column]."""
+    import numpy as np
+    import pandas as pd
+    from anndata.io import read_elem
+
+    if column in obs:
+        values = read_elem(obs[column])
+        if isinstance(values, pd.Categorical):  # only the terms some cell actually has
+            terms = values.remove_unused_categories().categories
+        else:
+            terms = pd.unique(np.asarray(values))
+        return tuple(sorted({str(t) for t in terms}))
+    if uns is not None and column in uns:
+        value = read_elem(uns[column])
+        return (str(value),) if isinstance(value, str) else tuple(sorted(map(str, value)))
+    return ()
+
+
+def describe_h5ad(path: Path) -> DatasetRow:
+    """A row for a local h5ad, reading only obs columns (not X): cheap for big files."""
+    import h5py
+    from anndata.io import read_elem
+
+    try:
+        with h5py.File(path, "r") as f:
+            obs = f["obs"]
+            n_cells = obs[obs.attrs["_index"]].shape[0]
+            uns = f.get("uns")
+            organism = _obs_terms(obs, uns, "organism_ontology_term_id")
+            assay = _obs_terms(obs, uns, "assay_ontology_term_id")
+            title = read_elem(uns["title"]) if uns is not None and "title" in uns else ""
+    except (OSError, KeyError) as err:
+        raise StageError(
+            f"{path} is not a readable h5ad file ({err}): remove it from the folder or "
+            "replace it with a complete copy"
+        ) from err
+    return DatasetRow(
+        dataset_id=path.stem,
+        title=str(title),
+        organism=organism,
+        assay=assay,
+        n_cells=int(n_cells),
+        url=path.resolve().as_uri(),
+        size_bytes=path.stat().st_size,
+        md5=file_md5(path),
+    )
+
+
+def rows_from_folder(folder: Path) -> list[DatasetRow]:
+    if not folder.is_dir():
+        raise StageError(f"local dataset folder {folder} does not exist: check --local-dir")
+    paths = sorted(folder.glob("*.h5ad"))
+    if not paths:
+        raise StageError(f"no *.h5ad files in {folder}: check --local-dir")
+    return [describe_h5ad(path) for path in paths]
+
+
+# -- filtering --------------------------------------------------------------------------
+def select(
+    rows: list[DatasetRow],
+    organisms=(),
+    assays=(),
+    min_cells: int = 0,
+    include=(),
+    exclude=(),
+    limit: int | None = None,
+) -> list[DatasetRow]:
+    """Apply the filters (see the module docstring), sort by id, keep the first ``limit``."""
+    ids = [row.dataset_id for row in rows]
+    duplicated = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
+    if duplicated:
+        raise StageError(f"the source lists these dataset ids more than once: {duplicated}")
+    if include:
+        missing = sorted(set(include) - set(ids))
+        if missing:
+            raise StageError(
+                f"--include names datasets the source does not have: {missing}; check the ids"
+            )
+        rows = [r for r in rows if r.dataset_id in set(include)]
+    rows = [r for r in rows if r.dataset_id not in set(exclude)]
+    if organisms:
+        rows = [r for r in rows if set(r.organism) & set(organisms)]
+    if assays:
+        rows = [r for r in rows if set(r.assay) & set(assays)]
+    if min_cells:
+        rows = [r for r in rows if r.n_cells is not None and r.n_cells >= min_cells]
+    rows = sorted(rows, key=lambda r: r.dataset_id)
+    if limit is not None:
+        rows = rows[:limit]
+    unsafe = []
+    for row in rows:
+        try:
+            check_dataset_id(row.dataset_id)
+        except StageError:
+            unsafe.append(row.dataset_id)
+    if unsafe:
+        raise StageError(
+            f"dataset ids {unsafe} are not safe file names (only letters, digits, '.', '_' "
+            "and '-'; no '/' or '..'): they could write outside the data folder. Drop them "
+            "with --exclude, or rename the files for a local source"
+        )
+    return rows
+
+
+# -- the stage --------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", choices=("cellxgene", "local"), required=True)
+    parser.add_argument("--out", required=True, type=Path, help="the TSV to write")
+    parser.add_argument("--api", default=DEFAULT_API, help="Curation API base URL")
+    parser.add_argument("--local-dir", type=Path, help="folder of .h5ad files (source local)")
+    many = dict(nargs="*", action="extend", default=[])
+    parser.add_argument("--organism", **many, help="NCBITaxon ids to keep (any match)")
+    parser.add_argument("--assay", **many, help="EFO ids to keep (any match)")
+    parser.add_argument("--min-cells", type=int, default=0)
+    parser.add_argument("--include", **many, help="keep only these dataset ids")
+    parser.add_argument("--exclude", **many, help="drop these dataset ids")
+    parser.add_argument("--limit", type=int, help="keep the first N datasets by id")
+    parser.add_argument("--retries", type=int, default=5, help="retries of the API request")
+    parser.add_argument("--timeout", type=float, default=120, help="seconds per API request")
+    parser.add_argument(
+        "--backoff", type=float, default=2.0, help="seconds before the first retry (doubles)"
+    )
+
+
+def run(args: argparse.Namespace) -> list[DatasetRow]:
+    if args.limit is not None and args.limit < 0:
+        raise StageError(f"--limit must be >= 0, got {args.limit}")
+    if args.source == "cellxgene":
+        rows = rows_from_curation_api(
+            fetch_curation_api(args.api, args.retries, args.timeout, args.backoff)
+        )
+    else:
+        if args.local_dir is None:
+            raise StageError("--source local needs --local-dir (a folder of .h5ad files)")
+        rows = rows_from_folder(args.local_dir)
+    rows = select(
+        rows,
+        organisms=args.organism,
+        assays=args.assay,
+        min_cells=args.min_cells,
+        include=args.include,
+        exclude=args.exclude,
+        limit=args.limit,
+    )
+    if not rows:
+        log.warning("no dataset passed the filters; %s lists none", args.out)
+    write_text(args.out, format_listing(rows))
+    log.info("wrote %s: %d datasets", args.out, len(rows))
+    return rows
