@@ -4,7 +4,6 @@ from pathlib import Path
 import pandas as pd
 from snakemake.utils import validate
 
-
 validate(config, schema="../schemas/config.schema.yaml")
 
 # Every job, local or on a cluster node, finds the laminDB instance through settings kept
@@ -34,12 +33,20 @@ RUN = config["train"]["run"]
 CHECKPOINT = f"checkpoints/{RUN}/last.ckpt"
 TRAIN_SUMMARY = f"results/train/{RUN}.json"
 
+
 wildcard_constraints:
     dataset=r"[A-Za-z0-9][A-Za-z0-9._-]*",
 
 
 def all_outputs():
-    return [ONTOLOGIES, COLLECTION, GENE_POSITIONS, GENE_EMBEDDINGS, CHECKPOINT, TRAIN_SUMMARY]
+    return [
+        ONTOLOGIES,
+        COLLECTION,
+        GENE_POSITIONS,
+        GENE_EMBEDDINGS,
+        CHECKPOINT,
+        TRAIN_SUMMARY,
+    ]
 
 
 def organism_args():
@@ -125,7 +132,10 @@ def fasta_files():
     """organism -> local FASTA; the demo's come from the demo_data rule."""
     fasta = dict(config["gene_embeddings"]["fasta"])
     if config["datasets"]["source"] == "demo":
-        for organism, species in (("NCBITaxon:9606", "homo_sapiens"), ("NCBITaxon:10090", "mus_musculus")):
+        for organism, species in (
+            ("NCBITaxon:9606", "homo_sapiens"),
+            ("NCBITaxon:10090", "mus_musculus"),
+        ):
             fasta.setdefault(organism, f"{DEMO_DIR}/proteins/{species}.pep.fa.gz")
     return {org: path for org, path in fasta.items() if org in config["organisms"]}
 

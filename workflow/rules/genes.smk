@@ -1,13 +1,14 @@
 rule gene_positions:
     output:
         GENE_POSITIONS,
+    log:
+        "logs/gene_positions/gene_positions.log",
+    cache: "omit-software"  # reference data: shared between workflows with --cache
+    conda:
+        "../../envs/embed.yaml"
     params:
         organisms=organism_args(),
         tolerance=config["gene_positions"]["tolerance"],
-    log:
-        "logs/gene_positions/gene_positions.log",
-    conda:
-        "../../envs/embed.yaml"
     shell:
         "python -m scprint gene-positions {params.organisms} --tolerance {params.tolerance}"
         " --out {output} > {log} 2>&1"
@@ -31,13 +32,14 @@ rule gene_embeddings:
     output:
         embeddings=GENE_EMBEDDINGS,
         missing=MISSING_PROTEINS,
-    params:
-        args=embedding_args(),
-    threads: 4
     log:
         "logs/gene_embeddings/gene_embeddings.log",
+    cache: "omit-software"
     conda:
         "../../envs/embed.yaml"
+    threads: 4
+    params:
+        args=embedding_args(),
     shell:
         "python -m scprint gene-embeddings {params.args} --cache-dir resources/proteins"
         " --out {output.embeddings} --missing-report {output.missing} > {log} 2>&1"

@@ -7,14 +7,14 @@ rule train:
     output:
         checkpoint=CHECKPOINT,
         summary=TRAIN_SUMMARY,
-    params:
-        run=RUN,
-        args=train_args(),
-    threads: 4
     log:
         "logs/train/train.log",
     conda:
         "../../envs/train.yaml"
+    threads: 4
+    params:
+        run=RUN,
+        args=train_args(),
     shell:
         "python -m scprint train-run --run {params.run} --collection {input.collection}"
         " --gene-embeddings {input.embeddings} --gene-positions {input.positions}"
