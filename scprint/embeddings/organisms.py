@@ -88,3 +88,14 @@ def gene_table(organism: str):
         keep_default_na=False,
     )
     return table[["ensembl_gene_id", "symbol", "biotype"]]
+
+
+def parse_organism_pairs(pairs: list[str], option: str) -> dict[str, str]:
+    """``["NCBITaxon:9606=x.fa"]`` -> ``{"NCBITaxon:9606": "x.fa"}`` for ORG=VALUE options."""
+    parsed = {}
+    for pair in pairs:
+        organism, sep, value = pair.partition("=")
+        if not sep or not organism or not value:
+            raise StageError(f"{option} expects ORGANISM=VALUE, got {pair!r}")
+        parsed[organism] = value
+    return parsed

@@ -19,6 +19,7 @@ import argparse
 import logging
 import time
 
+from scprint.embeddings.organisms import parse_organism_pairs
 from scprint.io import StageError, atomic_path
 
 log = logging.getLogger(__name__)
@@ -134,20 +135,10 @@ def gene_positions(organisms, tolerance, coordinates=None):
     return table[["organism", "chrom", "start", "end", "pos"]]
 
 
-def _parse_pairs(pairs: list[str], option: str) -> dict[str, str]:
-    parsed = {}
-    for pair in pairs:
-        organism, sep, value = pair.partition("=")
-        if not sep or not organism or not value:
-            raise StageError(f"{option} expects ORGANISM=VALUE, got {pair!r}")
-        parsed[organism] = value
-    return parsed
-
-
 def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     organisms = list(dict.fromkeys(args.organism))
-    coordinates = _parse_pairs(args.coordinates, "--coordinates")
+    coordinates = parse_organism_pairs(args.coordinates, "--coordinates")
     unused = set(coordinates) - set(organisms)
     if unused:
         raise StageError(f"--coordinates given for {sorted(unused)} but not in --organism")
