@@ -14,8 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 NETGUARD_DIR = REPO / "tests" / "netguard"
 NETGUARD_LOG = Path(os.environ.setdefault("SCPRINT_NETGUARD", f"/tmp/scprint-netguard-{os.getpid()}.log"))

@@ -89,9 +89,11 @@ def load_model(name_or_path: str):
             "facebook/esm2_t33_650M_UR50D"
         )
     try:
-        tokenizer = EsmTokenizer.from_pretrained(name_or_path, **kwargs)
+        # The model first: a missing checkpoint raises a clear OSError there, while the
+        # tokenizer would fail later with a bare TypeError (vocab_file None).
         model = EsmModel.from_pretrained(name_or_path, add_pooling_layer=False, **kwargs)
-    except (OSError, ValueError) as err:
+        tokenizer = EsmTokenizer.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, TypeError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         raise StageError(
             f"cannot load the ESM model {name_or_path!r}"
