@@ -202,8 +202,11 @@ def embed_sequences(
             for row, index in enumerate(batch):
                 ids[row, : len(encoded[index])] = torch.from_numpy(encoded[index])
             attention = ids.ne(tokenizer.pad_token_id).long()
+            # No mask when nothing is padded (ESM then counts every token, the same thing):
+            # a mask keeps SDPA off its fastest kernels.
+            mask = None if bool(attention.all()) else attention.to(device)
             hidden = model(
-                input_ids=ids.to(device), attention_mask=attention.to(device)
+                input_ids=ids.to(device), attention_mask=mask
             ).last_hidden_state.float()  # (B, T, D)
             residues = attention.clone()
             residues[:, 0] = 0  # <cls>
