@@ -380,6 +380,10 @@ def test_missing_model_errors_say_how_to_get_one(tmp_path):
         esm.load_model(str(tmp_path / "empty"))
     with pytest.raises(StageError, match="no such directory"):
         esm.load_model(str(tmp_path / "nope"))
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(StageError, match="'bert' model, not ESM"):
+        esm.load_model(str(tmp_path / "bert"))
     # a hub name with HF_HUB_OFFLINE and an empty HF cache: a clear error, no network
     env = cli_env(tmp_path, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     fasta = write_fasta(tmp_path / "h.fa")

@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_model(name_or_path: str):
     """(tokenizer, EsmModel) from a local directory, or from the hub / the HF cache."""
-    from transformers import EsmModel, EsmTokenizer
+    from transformers import AutoConfig, EsmModel, EsmTokenizer
 
     local = Path(name_or_path)
     if local.exists():
@@ -89,8 +89,13 @@ def load_model(name_or_path: str):
             "facebook/esm2_t33_650M_UR50D"
         )
     try:
-        # The model first: a missing checkpoint raises a clear OSError there, while the
-        # tokenizer would fail later with a bare TypeError (vocab_file None).
+        # The config first: a missing checkpoint raises a clear OSError there, while the
+        # tokenizer would fail with a bare TypeError (vocab_file None).
+        config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+        if config.model_type != "esm":
+            raise StageError(
+                f"--model {name_or_path} is a {config.model_type!r} model, not ESM (esm2_*)"
+            )
         model = EsmModel.from_pretrained(name_or_path, add_pooling_layer=False, **kwargs)
         tokenizer = EsmTokenizer.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError, TypeError) as err:
@@ -103,10 +108,6 @@ def load_model(name_or_path: str):
             "resources/esm2` (or `huggingface-cli download ...`), copy that directory to the "
             "cluster and pass --model resources/esm2"
         ) from err
-    if model.config.model_type != "esm":
-        raise StageError(
-            f"--model {name_or_path} is a {model.config.model_type!r} model, not ESM (esm2_*)"
-        )
     return tokenizer, model.eval()
 
 
