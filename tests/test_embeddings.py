@@ -407,7 +407,8 @@ def test_missing_model_errors_say_how_to_get_one(tmp_path):
     )
     assert proc.returncode == 1, proc.stderr
     assert (
-        "HF_HUB_OFFLINE" in proc.stderr and "hf download facebook/esm2_t6_8M_UR50D" in proc.stderr
+        "HF_HUB_OFFLINE" in proc.stderr
+        and "hf download facebook/esm2_t6_8M_UR50D --exclude" in proc.stderr
     )
     assert "Traceback" not in proc.stderr
 

@@ -104,9 +104,9 @@ def load_model(name_or_path: str):
             f"cannot load the ESM model {name_or_path!r}"
             f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {str(err).splitlines()[0]}. "
             "On a machine with internet run `hf download "
-            f"{name_or_path if not kwargs else 'facebook/esm2_t33_650M_UR50D'} --local-dir "
-            "resources/esm2` (or `huggingface-cli download ...`), copy that directory to the "
-            "cluster and pass --model resources/esm2"
+            f"{name_or_path if not kwargs else 'facebook/esm2_t33_650M_UR50D'} "
+            "--exclude '*.bin' --exclude '*.h5' --local-dir resources/esm2`, copy that "
+            "directory to the cluster and pass --model resources/esm2"
         ) from err
     return tokenizer, model.eval()
 
