@@ -53,8 +53,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ORG=PATH_OR_URL",
         help="peptide FASTA for an organism (default: Ensembl's pep.all under --fasta-base-url)",
     )
-    parser.add_argument("--fasta-base-url", default=DEFAULT_ENSEMBL_FASTA_BASE_URL)
-    parser.add_argument("--cache-dir", default="resources/proteins", help="downloaded FASTAs")
+    parser.add_argument(
+        "--fasta-base-url",
+        default=DEFAULT_ENSEMBL_FASTA_BASE_URL,
+        help="Ensembl FASTA root; files are <url>/<species>/pep/<Species>.<assembly>"
+        ".pep.all.fa.gz (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default="resources/proteins",
+        help="downloaded FASTAs, kept as <cache-dir>/<host>/<url path> (default: %(default)s)",
+    )
     parser.add_argument(
         "--max-tokens-per-batch",
         type=int,
@@ -102,7 +111,7 @@ def load_model(name_or_path: str):
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         raise StageError(
             f"cannot load the ESM model {name_or_path!r}"
-            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {str(err).splitlines()[0]}. "
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {str(err).splitlines()[0].rstrip('.')}. "
             "On a machine with internet run `hf download "
             f"{name_or_path if not kwargs else 'facebook/esm2_t33_650M_UR50D'} "
             "--exclude '*.bin' --exclude '*.h5' --local-dir resources/esm2`, copy that "
