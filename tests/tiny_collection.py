@@ -49,7 +49,9 @@ LEAF_TYPES = ["CL:0000624", "CL:0000625", "CL:0000236"]
 
 def populate(ln, bt, gene_ids: list[str]) -> None:
     organisms = [
-        bt.Organism(ontology_id=HUMAN, name="human", scientific_name="homo_sapiens", _skip_validation=True),
+        bt.Organism(
+            ontology_id=HUMAN, name="human", scientific_name="homo_sapiens", _skip_validation=True
+        ),
         bt.Organism(ontology_id="unknown", name="unknown", _skip_validation=True),
     ]
     ln.save(organisms)
@@ -61,7 +63,9 @@ def populate(ln, bt, gene_ids: list[str]) -> None:
     ln.save(genes)
     records = {}
     for registry, oid, name, _ in TERMS + [(r, "unknown", "unknown", None) for r in REGISTRIES]:
-        records[(registry, oid)] = getattr(bt, registry)(ontology_id=oid, name=name, _skip_validation=True)
+        records[(registry, oid)] = getattr(bt, registry)(
+            ontology_id=oid, name=name, _skip_validation=True
+        )
     ln.save(list(records.values()))
     for registry, oid, _, parent in TERMS:
         if parent is not None:
@@ -77,9 +81,13 @@ def tiny_h5ad(path: Path, gene_ids: list[str], n_cells: int, seed: int) -> None:
     obs = pd.DataFrame(
         {
             "organism_ontology_term_id": HUMAN,
-            "cell_type_ontology_term_id": [LEAF_TYPES[t] if i % 7 else "CL:0000084" for i, t in enumerate(types)],
+            "cell_type_ontology_term_id": [
+                LEAF_TYPES[t] if i % 7 else "CL:0000084" for i, t in enumerate(types)
+            ],
             "tissue_ontology_term_id": rng.choice(["UBERON:0002048", "UBERON:0000178"], n_cells),
-            "disease_ontology_term_id": rng.choice(["PATO:0000461", "MONDO:0005015", "unknown"], n_cells),
+            "disease_ontology_term_id": rng.choice(
+                ["PATO:0000461", "MONDO:0005015", "unknown"], n_cells
+            ),
             "assay_ontology_term_id": ["EFO:0009922", "EFO:0009899"][seed % 2],
             "sex_ontology_term_id": rng.choice(["PATO:0000383", "PATO:0000384"], n_cells),
             "self_reported_ethnicity_ontology_term_id": "HANCESTRO:0005",
@@ -90,7 +98,9 @@ def tiny_h5ad(path: Path, gene_ids: list[str], n_cells: int, seed: int) -> None:
     )
     for col in obs.columns[:-1]:
         obs[col] = obs[col].astype("category")
-    adata = ad.AnnData(sp.csr_matrix(counts.astype(np.float32)), obs=obs, var=pd.DataFrame(index=gene_ids))
+    adata = ad.AnnData(
+        sp.csr_matrix(counts.astype(np.float32)), obs=obs, var=pd.DataFrame(index=gene_ids)
+    )
     adata.write_h5ad(path)
 
 

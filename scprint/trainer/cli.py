@@ -17,6 +17,7 @@ W&B runs offline unless WANDB_MODE says otherwise.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -117,7 +118,8 @@ class ScprintCLI(LightningCLI):
 
     def _record_config(self) -> None:
         """The merged config goes into every checkpoint (ScPrintModule.on_save_checkpoint)."""
-        self.model.run_config = self._cfg.clone().as_dict()
+        # plain JSON types only: checkpoints must load with torch.load(weights_only=True)
+        self.model.run_config = json.loads(json.dumps(self._cfg.clone().as_dict(), default=str))
 
     def before_fit(self) -> None:
         self._record_config()
