@@ -31,7 +31,13 @@ def build_tiny_collection(workdir: Path, key: str = "tiny") -> dict:
     """
     run_cli(["lamin-init", "--storage", "lamin/storage", "--out", "lamin.json"], cwd=workdir)
     proc = subprocess.run(
-        [sys.executable, str(TESTS / "test_fit_tiny_collection.py"), str(workdir), key, str(N_GENES)],
+        [
+            sys.executable,
+            str(TESTS / "test_fit_tiny_collection.py"),
+            str(workdir),
+            key,
+            str(N_GENES),
+        ],
         cwd=workdir,
         env=cli_env(workdir),
         capture_output=True,

@@ -99,7 +99,10 @@ def test_every_training_key_is_covered():
 @pytest.mark.parametrize("key", sorted(TRAINING_KEYS))
 def test_training_key_changes_training(key):
     base, changed = TRAINING_KEYS[key]
-    runs = [fit(TrainingMode(**base), steps=3), fit(TrainingMode(**{**base, key: changed}), steps=3)]
+    runs = [
+        fit(TrainingMode(**base), steps=3),
+        fit(TrainingMode(**{**base, key: changed}), steps=3),
+    ]
     a, b = (flat_params(m) for m, _ in runs)
     assert not torch.equal(a, b), f"scprint_training.{key} had no effect"
 
@@ -175,7 +178,9 @@ def test_model_key_changes_the_model(key):
     ref, changed = module(), module(**{key: MODEL_KEYS[key]})
     if key == "freeze_embeddings":
         ref.setup("fit"), changed.setup("fit")
-        assert ref.net.gene_table.weight.requires_grad != changed.net.gene_table.weight.requires_grad
+        assert (
+            ref.net.gene_table.weight.requires_grad != changed.net.gene_table.weight.requires_grad
+        )
         return
     shapes = [p.shape for p in ref.parameters()], [p.shape for p in changed.parameters()]
     if shapes[0] != shapes[1]:
