@@ -174,10 +174,13 @@ def test_train_run_writes_summary_and_resumes(workdir):
     state = load(workdir / "checkpoints/tinyrun/last.ckpt")
     assert state["lr_schedulers"][0]["last_epoch"] == 3
 
+    # Snakemake deletes a job's outputs before rerunning it: the resume point must survive
+    (workdir / "checkpoints/tinyrun/last.ckpt").unlink()
+    (workdir / "results/train/tinyrun.json").unlink()
     run_cli([*args, "--trainer.max_steps", "6"], cwd=workdir, env=env)
     second = json.loads((workdir / "results/train/tinyrun.json").read_text())
     assert second["steps"] == 6
-    assert second["resumed_from"].endswith("checkpoints/tinyrun/last.ckpt")
+    assert second["resumed_from"].endswith("checkpoints/tinyrun/state/last.ckpt")
     state = load(workdir / "checkpoints/tinyrun/last.ckpt")
     assert state["global_step"] == 6
     assert state["lr_schedulers"][0]["last_epoch"] == 6  # once per step, continued

@@ -1,6 +1,11 @@
 """`scprint train-run`: the workflow's train rule. Runs `scprint fit` (same code path) on
-the pipeline's collection and gene files, resumes from the run's last.ckpt when there is
-one, and writes a JSON summary (atomically) once training ends.
+the pipeline's collection and gene files and writes a JSON summary (atomically) once
+training ends.
+
+Lightning's checkpoints live in ``<checkpoint-dir>/state/`` and training resumes from
+``state/last.ckpt`` when it exists. The rule's output, ``<checkpoint-dir>/last.ckpt``, is
+published (copied atomically) only when training has finished: Snakemake deletes a job's
+declared outputs before it reruns the job, which must not take the resume point with it.
 
     scprint train-run --run NAME --collection results/collection.json \\
         --gene-embeddings data/main/gene_embeddings.parquet \\
@@ -16,9 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from pathlib import Path
 
-from scprint.io import StageError, read_json, write_json
+from scprint.io import StageError, atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +50,21 @@ def fit_argv(args: argparse.Namespace, collection: dict) -> list[str]:
     argv += [
         "--data.collection_name", collection["key"],
         "--data.gene_embeddings", args.gene_embeddings,
-        "--checkpoint.dirpath", args.checkpoint_dir,
+        "--checkpoint.dirpath", str(state_dir(args)),
         "--scprint_training.name", args.run,
     ]  # fmt: skip
     if args.gene_positions:
         argv += ["--data.gene_positions", args.gene_positions]
     if collection.get("organisms"):
         argv += ["--data.organisms", json.dumps(list(collection["organisms"]))]
-    last = Path(args.checkpoint_dir) / "last.ckpt"
-    if last.exists():
-        argv += ["--ckpt_path", str(last)]
+    resume = state_dir(args) / "last.ckpt"
+    if resume.exists():
+        argv += ["--ckpt_path", str(resume)]
     return argv + list(args.fit_args)
+
+
+def state_dir(args: argparse.Namespace) -> Path:
+    return Path(args.checkpoint_dir) / "state"
 
 
 def run(args: argparse.Namespace) -> None:
@@ -72,10 +82,12 @@ def run(args: argparse.Namespace) -> None:
     log.info("scprint %s", " ".join(argv))
     cli = build_cli(argv)
     trainer = cli.trainer
+    resume = state_dir(args) / "last.ckpt"
     last = Path(args.checkpoint_dir) / "last.ckpt"
+    trainer.save_checkpoint(resume)  # the final state, whatever ModelCheckpoint's schedule
     if trainer.is_global_zero:
-        if not last.exists():  # stopped where ModelCheckpoint had no reason to save
-            trainer.save_checkpoint(last)
+        with atomic_path(last) as tmp:
+            shutil.copyfile(resume, tmp)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         write_json(
             args.summary,
@@ -85,7 +97,7 @@ def run(args: argparse.Namespace) -> None:
                 "epochs": int(trainer.current_epoch),
                 "final_losses": metrics,
                 "checkpoint": str(last),
-                "resumed_from": str(last) if "--ckpt_path" in argv else None,
+                "resumed_from": str(resume) if "--ckpt_path" in argv else None,
                 "collection": {
                     k: collection.get(k) for k in ("key", "uid", "n_cells", "n_datasets")
                 },
