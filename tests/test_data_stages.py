@@ -17,8 +17,8 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
-
 from conftest import cli_env, run_cli
+
 from scprint.data import demo
 
 HUMAN = "NCBITaxon:9606"
