@@ -41,7 +41,8 @@ REQUIRED_OBS = (
     "sex_ontology_term_id",
 )
 ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{6,}$")
-ROWS_CHECKED = 50_000  # rows inspected for integer counts, as scdataloader does
+ROWS_CHECKED = 50_000
+CELL_ID = "scprint_cell_id"  # rows inspected for integer counts, as scdataloader does
 
 
 @dataclass
@@ -319,6 +320,9 @@ def preprocess(dataset: str, input_path: Path, params: Params) -> tuple[object, 
     preprocessor = Preprocessor(
         **asdict(params), organisms=[organism], use_raw=False, force_preprocess=False
     )
+    # The Preprocessor renames cells to random UUIDs; we keep "<dataset>:<cell id>" instead,
+    # unique across the collection and the same on every rerun (same bytes, same artifact).
+    clean.obs[CELL_ID] = [f"{dataset}:{cell}" for cell in clean.obs_names]
     try:
         processed = preprocessor(clean, dataset_id=dataset)
     except Exception as err:  # the Preprocessor raises bare Exception / ValueError
@@ -326,6 +330,9 @@ def preprocess(dataset: str, input_path: Path, params: Params) -> tuple[object, 
             f"dataset {dataset}: scdataloader's Preprocessor failed after our checks passed: "
             f"{type(err).__name__}: {err}. Fix: see the message; the parameters were {asdict(params)}"
         ) from err
+    processed.obs_names = processed.obs.pop(CELL_ID).astype(str).to_numpy()
+    if "unseen_genes" in processed.uns:  # built from a set: sort for the same bytes each run
+        processed.uns["unseen_genes"] = sorted(processed.uns["unseen_genes"])
     unseen = len(processed.uns.get("unseen_genes", []))
     report = {
         "dataset": dataset,
