@@ -76,6 +76,7 @@ def free_port() -> int:
 class LocalSlurm:
     root: Path
 
+    extra_partitions: tuple[str, ...] = ()
     conf: Path = SLURM_ETC / "slurm.conf"
     lock_timeout_s: float = 1800
     _lock_fd: int | None = None
@@ -198,12 +199,16 @@ SlurmctldTimeout=30
 SlurmdTimeout=60
 InactiveLimit=0
 KillWait=5
-# Requeued jobs start again at once (the default holds them ~60 s after the requeue).
-JobRequeue=1
+# Jobs are not requeueable unless they ask (sbatch --requeue), as on many clusters.
+JobRequeue=0
 NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} RealMemory={NODE_MEMORY_MB} Gres=gpu:1 State=UNKNOWN
 PartitionName=cpu Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes={NODE} MaxTime=INFINITE State=UP
 """
+            + "".join(
+                f"PartitionName={name} Nodes={NODE} MaxTime=INFINITE State=UP\n"
+                for name in self.extra_partitions
+            )
         )
         (SLURM_ETC / "gres.conf").write_text(f"{MARKER}\nNodeName={NODE} Name=gpu File=/dev/null\n")
 

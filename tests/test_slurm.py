@@ -1,0 +1,293 @@
+"""profiles/slurm on a real Slurm cluster: routing, GPUs, retries, cancellation, DDP, requeue.
+
+A single-node cluster (munge, slurmctld, slurmd from the Debian packages; partitions cpu,
+gpu and internet; one gres GPU backed by /dev/null) is started once for this module by
+tests/slurm/cluster.py and stopped afterwards. Every workflow runs through
+`--profile profiles/slurm` (a copy in the project directory, as a user has it) plus only
+what this cluster needs: job states from squeue (it has no accounting database) and short
+poll intervals. Assertions read Slurm's own records (`scontrol show job`; finished jobs
+stay for MinJobAge) and what the jobs saw in their environment.
+
+Without root or the packages the tests skip with the reason; with SCPRINT_REQUIRE_SLURM=1
+(CI) they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from slurm.cluster import ClusterUnavailable, LocalSlurm, why_unavailable
+
+PROFILE = REPO / "profiles" / "slurm"
+TEST_SNAKEFILE = REPO / "tests" / "slurm" / "Snakefile"
+# What this cluster needs on top of the profile, and nothing else.
+CLUSTER_OVERRIDES = [
+    "--slurm-status-command", "squeue",
+    "--slurm-init-seconds-before-status-checks", "1",
+    "--seconds-between-status-checks", "1",
+]  # fmt: skip
+INTERNET_PARTITION = "internet"
+GPU_RULES = {"gene_embeddings", "train"}
+
+
+# -- the cluster ---------------------------------------------------------------------------
+
+
+def _unavailable(reason: str):
+    message = f"local Slurm cluster unavailable: {reason}"
+    if os.environ.get("SCPRINT_REQUIRE_SLURM") == "1":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = why_unavailable()
+    if reason:
+        _unavailable(reason)
+    # munged runs as user munge: its directory must not sit under pytest's 0700 tmp dirs
+    root = Path(tempfile.mkdtemp(prefix="scprint-slurm-", dir="/tmp"))
+    slurm = LocalSlurm(root, extra_partitions=(INTERNET_PARTITION,))
+    try:
+        slurm.start()
+    except ClusterUnavailable as err:
+        slurm.stop()
+        _unavailable(str(err))
+    yield slurm
+    slurm.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def project(path: Path) -> Path:
+    """A project directory as a user has it: config/ and profiles/ from the repository, with
+    the internet partition's SITE line set to this cluster's `internet` partition."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "config", path / "config", dirs_exist_ok=True)
+    shutil.copytree(PROFILE, path / "profiles" / "slurm", dirs_exist_ok=True)
+    profile = path / "profiles" / "slurm" / "config.yaml"
+    profile.write_text(set_site(profile.read_text(), "internet access", INTERNET_PARTITION))
+    return path
+
+
+def set_site(profile_text: str, marker: str, value: str) -> str:
+    """Change the value on the one `# SITE: ...marker...` line, as a user edits it."""
+    lines = profile_text.splitlines(keepends=True)
+    hits = [i for i, line in enumerate(lines) if "# SITE" in line and marker in line]
+    assert len(hits) == 1, f"expected one SITE line about {marker!r}, found {len(hits)}"
+    line = lines[hits[0]]
+    head, comment = line.split("#", 1) if not line.lstrip().startswith("#") else ("", line)
+    if not head:  # a commented-out setting: uncomment it with the new value
+        indent = line[: len(line) - len(line.lstrip())]
+        key = comment.lstrip("# ").split(":", 1)[0]
+        lines[hits[0]] = f"{indent}{key}: {value}   #{comment.split('#', 2)[-1]}"
+    else:
+        key, _, old = head.partition(":")
+        anchor = re.match(r"\s*(&\S+\s+)?", old).group(1) or ""
+        lines[hits[0]] = f"{key}: {anchor}{value}   #{comment}"
+    return "".join(lines)
+
+
+def snakemake(
+    cluster: LocalSlurm, workdir: Path, *args: str, snakefile: Path = TEST_SNAKEFILE,
+    check: bool = True, background: bool = False, timeout: float = 900,
+):  # fmt: skip
+    env = cluster.env()
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    cmd = [
+        sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", str(workdir),
+        "--profile", "profiles/slurm", *CLUSTER_OVERRIDES, *args,
+    ]  # fmt: skip
+    if background:
+        return subprocess.Popen(
+            cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    proc = subprocess.run(
+        cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        logs = "\n".join(
+            f"--- {log}\n{log.read_text()[-3000:]}"
+            for log in sorted(workdir.glob("logs/**/*.log"))
+            if log.is_file()
+        )
+        raise AssertionError(
+            f"snakemake {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-8000:]}\n{logs}"
+        )
+    return proc
+
+
+def run_id(output: str) -> str:
+    """The plugin names every job of one Snakemake run after the run's id."""
+    match = re.search(r"SLURM run ID: (\S+)", output)
+    assert match, f"no 'SLURM run ID' in the output:\n{output[-3000:]}"
+    return match.group(1)
+
+
+def rule_of(record: dict) -> str:
+    """The plugin puts `rule_<name>[_wildcards_<values>]` in the job comment."""
+    match = re.match(r"rule_(.+?)(?:_wildcards_.*)?$", record.get("Comment", ""))
+    assert match, f"job {record['JobId']} has no rule comment: {record.get('Comment')}"
+    return match.group(1)
+
+
+def jobs_of_run(cluster: LocalSlurm, output: str) -> list[dict]:
+    name = run_id(output)
+    return [r for r in cluster.jobs() if r["JobName"] == name]
+
+
+def facts(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def minutes(limit: str) -> int:
+    """Slurm's TimeLimit ([D-]HH:MM:SS) in minutes."""
+    days, _, hms = limit.rpartition("-")
+    h, m, s = (int(x) for x in hms.split(":"))
+    return (int(days or 0) * 24 + h) * 60 + m + (1 if s else 0)
+
+
+def expected_resources(profile_text: str) -> dict[str, dict]:
+    """rule -> the resources the profile asks for (set-resources over default-resources)."""
+    profile = yaml.safe_load(profile_text)
+    default = profile["default-resources"]
+    rules = set(profile["set-resources"]) | {"lamin_instance", "demo_data", "gene_positions"}
+    return {rule: {**default, **profile["set-resources"].get(rule, {})} for rule in rules}
+
+
+# -- the profile as text: one place for site settings ----------------------------------------
+
+
+def effective_partitions(profile_text: str) -> dict[str, str]:
+    return {rule: r["slurm_partition"] for rule, r in expected_resources(profile_text).items()}
+
+
+def test_each_site_setting_is_changed_on_one_line():
+    text = (PROFILE / "config.yaml").read_text()
+    base = effective_partitions(text)
+    assert base["train"] == base["gene_embeddings"] == "gpu"
+    assert {base[r] for r in base if r not in GPU_RULES} == {"cpu"}
+
+    cpu = effective_partitions(set_site(text, "CPU jobs", "compute"))
+    assert {cpu[r] for r in cpu if r not in GPU_RULES} == {"compute"}  # downloads follow
+    assert cpu["train"] == "gpu"
+
+    web = effective_partitions(set_site(text, "internet access", "web"))
+    assert {r for r, p in web.items() if p == "web"} == {"list_datasets", "download"}
+
+    gpu = effective_partitions(set_site(text, "GPU partition", "a100q"))
+    assert {r for r, p in gpu.items() if p == "a100q"} == GPU_RULES
+
+    model = expected_resources(set_site(text, "GPU type", "h100"))
+    assert {r for r, res in model.items() if res.get("gpu_model") == "h100"} == GPU_RULES
+
+    account = expected_resources(set_site(text, "account", "mylab"))
+    assert {res.get("slurm_account") for res in account.values()} == {"mylab"}
+
+
+# -- routing, on the cluster -----------------------------------------------------------------
+
+
+@pytest.mark.slurm
+def test_rules_run_in_their_partitions_and_gpu_rules_get_a_gpu(cluster, tmp_path):
+    workdir = project(tmp_path)
+    proc = snakemake(cluster, workdir, "all")
+    wanted = expected_resources((workdir / "profiles" / "slurm" / "config.yaml").read_text())
+    records = {rule_of(r): r for r in jobs_of_run(cluster, proc.stdout + proc.stderr)}
+    assert set(records) == {"list_datasets", "download", "preprocess", "collection"} | GPU_RULES
+
+    for rule, record in records.items():
+        want = wanted[rule]
+        assert record["JobState"] == "COMPLETED", (rule, record["JobState"])
+        assert record["Partition"] == want["slurm_partition"], rule
+        assert minutes(record["TimeLimit"]) == want["runtime"], rule
+        assert record["MinMemoryNode"] == f"{want['mem_mb']}M" or record[
+            "MinMemoryNode"
+        ] == f"{want['mem_mb'] / 1024:.2f}G", (rule, record["MinMemoryNode"])
+        seen = facts(workdir / "facts" / f"{rule}.txt")
+        assert seen["SLURM_JOB_ID"] == record["JobId"] and seen["SLURM_JOB_PARTITION"] == (
+            want["slurm_partition"]
+        )
+        if rule in GPU_RULES:
+            assert record.get("JOB_GRES") == "gpu:1", (rule, record.get("JOB_GRES"))
+            assert seen["CUDA_VISIBLE_DEVICES"] == "0", rule
+            assert seen["SLURM_CPUS_PER_TASK"] == str(want["cpus_per_task"]), rule
+        else:
+            assert record.get("JOB_GRES") in (None, "(null)"), (rule, record.get("JOB_GRES"))
+            assert seen["CUDA_VISIBLE_DEVICES"] == "", rule
+    assert records["download"]["Partition"] == INTERNET_PARTITION
+    assert records["train"]["Requeue"] == "1"  # the profile's slurm-requeue (cluster default: 0)
+    log = (workdir / "logs" / "train.log").read_text()
+    assert "srun-launch: srun --nodes=1 --ntasks=1 --cpus-per-task=8" in log
+
+
+# -- failures --------------------------------------------------------------------------------
+
+
+@pytest.mark.slurm
+def test_a_failed_job_is_retried(cluster, tmp_path):
+    workdir = project(tmp_path)
+    proc = snakemake(cluster, workdir, "flaky/done.txt")
+    states = [r["JobState"] for r in jobs_of_run(cluster, proc.stdout + proc.stderr)]
+    assert states == ["FAILED", "COMPLETED"]
+    assert (workdir / "flaky" / "done.txt").read_text() == "ok\n"
+
+
+@pytest.mark.slurm
+def test_a_cancelled_job_fails_the_run_clearly_and_a_rerun_redoes_only_what_is_missing(
+    cluster, tmp_path
+):
+    workdir = project(tmp_path)
+    run = snakemake(
+        cluster, workdir, "chain/last.txt", "--retries", "0", "--config", "slow_seconds=120",
+        background=True,
+    )  # fmt: skip
+    try:
+        slow = wait_for(
+            lambda: [
+                r for r in cluster.jobs()
+                if r.get("Comment") == "rule_slow" and r["JobState"] == "RUNNING"
+                and (workdir / "chain" / "slow.started").exists()
+            ],
+            timeout=300, what="the slow job to run",
+        )[0]  # fmt: skip
+        cluster.run("scancel", slow["JobId"])
+        output, _ = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode != 0
+    assert f"SLURM-job '{slow['JobId']}' failed, SLURM status is: 'CANCELLED'" in output
+    assert "Error in rule slow" in output
+    assert not (workdir / "chain" / "slow.txt").exists()
+    first_job = (workdir / "chain" / "first.txt").read_text()
+
+    rerun = snakemake(cluster, workdir, "chain/last.txt", "--config", "slow_seconds=1")
+    rules = [rule_of(r) for r in jobs_of_run(cluster, rerun.stdout + rerun.stderr)]
+    assert rules == ["slow", "last"]
+    assert (workdir / "chain" / "first.txt").read_text() == first_job
+    assert (workdir / "chain" / "last.txt").exists()
