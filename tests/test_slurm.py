@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
 from slurm.cluster import ClusterUnavailable, LocalSlurm, why_unavailable
 
@@ -225,12 +224,14 @@ def test_rules_run_in_their_partitions_and_gpu_rules_get_a_gpu(cluster, tmp_path
         assert record["JobState"] == "COMPLETED", (rule, record["JobState"])
         assert record["Partition"] == want["slurm_partition"], rule
         assert minutes(record["TimeLimit"]) == want["runtime"], rule
-        assert record["MinMemoryNode"] == f"{want['mem_mb']}M" or record[
-            "MinMemoryNode"
-        ] == f"{want['mem_mb'] / 1024:.2f}G", (rule, record["MinMemoryNode"])
+        assert (
+            record["MinMemoryNode"] == f"{want['mem_mb']}M"
+            or record["MinMemoryNode"] == f"{want['mem_mb'] / 1024:.2f}G"
+        ), (rule, record["MinMemoryNode"])
         seen = facts(workdir / "facts" / f"{rule}.txt")
-        assert seen["SLURM_JOB_ID"] == record["JobId"] and seen["SLURM_JOB_PARTITION"] == (
-            want["slurm_partition"]
+        assert (
+            seen["SLURM_JOB_ID"] == record["JobId"]
+            and seen["SLURM_JOB_PARTITION"] == (want["slurm_partition"])
         )
         if rule in GPU_RULES:
             assert record.get("JOB_GRES") == "gpu:1", (rule, record.get("JOB_GRES"))

@@ -123,8 +123,7 @@ class LocalSlurm:
             proc = subprocess.run(args, env=self.env(), capture_output=True, text=True)
             if proc.returncode != 0:
                 raise ClusterUnavailable(
-                    f"{daemon} did not start ({proc.stderr.strip()}); "
-                    f"see {self.root / 'log' / log}"
+                    f"{daemon} did not start ({proc.stderr.strip()}); see {self.root / 'log' / log}"
                 )
         self._wait_until_idle(timeout_s)
 
@@ -222,8 +221,7 @@ PartitionName=gpu Nodes={NODE} MaxTime=INFINITE State=UP
                 return
             time.sleep(0.5)
         raise ClusterUnavailable(
-            f"node {NODE} is '{state}' after {timeout_s:.0f} s, not idle; "
-            f"see {self.root / 'log'}"
+            f"node {NODE} is '{state}' after {timeout_s:.0f} s, not idle; see {self.root / 'log'}"
         )
 
     def _lock(self) -> None:
