@@ -70,6 +70,15 @@ def test_lint_is_clean(tmp_path):
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
 
 
+def test_snakefiles_are_snakefmt_formatted():
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("snakefmt")), "--check", str(REPO / "workflow")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_config_is_validated_against_the_schema(tmp_path):
     workdir = make_workdir(tmp_path)
     bad = yaml.safe_load((workdir / "config" / "demo.yaml").read_text())
@@ -78,7 +87,8 @@ def test_config_is_validated_against_the_schema(tmp_path):
     (workdir / "config" / "bad.yaml").write_text(yaml.safe_dump(bad))
     proc = snakemake(workdir, "-n", "--configfile=config/bad.yaml", "all", check=False)
     assert proc.returncode != 0
-    assert "figshare" in proc.stderr and "is not one of" in proc.stderr
+    message = proc.stdout + proc.stderr
+    assert "figshare" in message and "is not one of" in message
 
 
 def test_dry_run_shows_every_stage_before_anything_ran(tmp_path):

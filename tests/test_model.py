@@ -1,0 +1,176 @@
+"""The pure network and its objectives, on tiny synthetic cells (CPU, seconds)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from scprint.model import losses
+from scprint.model.model import ScPrint, ScPrintConfig
+from scprint.model.objectives import Objectives, compute_losses, set_trainable
+
+torch.set_num_threads(1)  # the CI machine has 2 shared cores: threads only contend
+
+CLASSES = {"organism": 2, "cell_type": 3}
+HIERARCHY = {"cell_type": {3: [0, 1]}}  # code 3 is a parent of leaves 0 and 1
+
+
+def tiny_net(attention="sdpa", **kw) -> ScPrint:
+    cfg = ScPrintConfig(
+        n_genes=40,
+        d_gene_emb=12,
+        classes=CLASSES,
+        d_model=32,
+        nhead=4,
+        nlayers=2,
+        attention=attention,
+        dropout=0.0,
+        **kw,
+    )
+    torch.manual_seed(0)
+    return ScPrint(cfg, torch.randn(40, 12), torch.arange(40) // 3)
+
+
+def tiny_batch(B=8, L=20, seed=1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    genes = torch.stack([torch.randperm(40, generator=g)[:L] for _ in range(B)]).int()
+    x = torch.poisson(torch.rand(B, L, generator=g) * 6)
+    cls = torch.tensor([[i % 2, [0, 1, 2, 3, -1][i % 5]] for i in range(B)], dtype=torch.int32)
+    return {"x": x, "genes": genes, "class": cls, "depth": x.sum(1) * 3, "tp": torch.zeros(B)}
+
+
+def sets():
+    return {k: losses.label_sets(n, HIERARCHY.get(k)) for k, n in CLASSES.items()}
+
+
+def test_attention_backends_agree_on_the_same_weights():
+    batch = tiny_batch()
+    ref = tiny_net("normal")
+    outs = {}
+    for backend in ("normal", "sdpa"):
+        net = tiny_net(backend)
+        net.load_state_dict(ref.state_dict())
+        cell, genes = net.encode(batch["genes"].long(), batch["x"], batch["depth"])
+        outs[backend] = torch.cat([cell, genes], 1)
+        # gradients agree too, not only the forward pass
+        outs[backend].square().mean().backward()
+        outs[backend + "_grad"] = net.blocks[0].attn.qkv.weight.grad.clone()
+    torch.testing.assert_close(outs["sdpa"], outs["normal"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outs["sdpa_grad"], outs["normal_grad"], atol=1e-5, rtol=1e-4)
+
+
+def test_flash_backend_refuses_cpu_clearly():
+    try:
+        net = tiny_net("flash")
+    except RuntimeError as err:  # flash-attn not installed: the error says what to do
+        assert "flash-attn" in str(err) and "sdpa" in str(err)
+        return
+    batch = tiny_batch()
+    with pytest.raises(RuntimeError, match="CUDA with fp16/bf16"):
+        net.encode(batch["genes"].long(), batch["x"], batch["depth"])
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="choose one of flash, sdpa, normal"):
+        tiny_net("xformers")
+
+
+@pytest.mark.parametrize(
+    "objectives",
+    [
+        Objectives(),
+        Objectives(noise=[], mask_ratio=[0.3], do_generate=False, do_cls=False),
+        Objectives(noise=[0.5], mask_ratio=[0.3], do_mvc=True, do_cce=True, do_ecs=True),
+        Objectives(noise=[], do_generate=False, do_cls=True),
+        Objectives(noise=[], do_generate=False, do_cls=False, do_ecs=True),
+    ],
+    ids=["default", "mask-only", "everything", "cls-only", "ecs-only"],
+)
+def test_every_trainable_parameter_gets_a_gradient(objectives):
+    """What plain DDP needs: no trainable parameter is left out of the graph."""
+    net = tiny_net()
+    set_trainable(net, objectives)
+    out = compute_losses(net, tiny_batch(), objectives, sets())
+    out["loss"].backward()
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    active = {k for k, on in objectives.active().items() if on}
+    assert active <= set(out)  # every active objective logs a term by its name
+    assert not ({"denoise", "mask", "generate", "mvc", "cce", "ecs"} - active) & set(out)
+
+
+def test_frozen_embeddings_stay_fixed_learned_ones_move():
+    for freeze in (True, False):
+        net = tiny_net(freeze_embeddings=freeze)
+        obj = Objectives()
+        set_trainable(net, obj)
+        before = net.gene_table.weight.detach().clone()
+        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1.0)
+        compute_losses(net, tiny_batch(), obj, sets())["loss"].backward()
+        opt.step()
+        assert torch.equal(before, net.gene_table.weight) == freeze
+
+
+def test_zinb_nll_matches_a_negative_binomial_when_not_zero_inflated():
+    mean, theta = torch.tensor([2.0, 5.0]), torch.tensor([1.5, 3.0])
+    x = torch.tensor([0.0, 4.0])
+    nb = torch.distributions.NegativeBinomial(total_count=theta, probs=mean / (mean + theta))
+    got = losses.zinb_nll(x, mean, theta, torch.full_like(x, -30.0))
+    torch.testing.assert_close(got, -nb.log_prob(x), atol=1e-4, rtol=1e-4)
+
+
+def test_parent_label_scores_are_logsumexp_of_leaves():
+    s = losses.label_sets(3, {3: [0, 2]})
+    logits = torch.tensor([[0.1, 2.0, -1.0]])
+    scores = losses.parent_scores(logits, s)
+    torch.testing.assert_close(scores[0, :3], logits[0])
+    torch.testing.assert_close(scores[0, 3], torch.logsumexp(logits[0, [0, 2]], 0))
+    # a parent label is satisfied by a high logit on any of its leaves
+    good = losses.hierarchical_bce(torch.tensor([[5.0, -5.0, -5.0]]), torch.tensor([3]), s)
+    bad = losses.hierarchical_bce(torch.tensor([[-5.0, 5.0, -5.0]]), torch.tensor([3]), s)
+    assert good < 0.1 < bad
+    # unknown labels (-1) do not count
+    zero = losses.hierarchical_bce(logits, torch.tensor([-1]), s)
+    assert zero.item() == 0.0
+
+
+def test_tiny_model_overfits_a_tiny_problem():
+    """Loss on one fixed batch must halve in 300 Adam steps (the ZINB terms have a floor:
+    counts are noisy, so only the classification term can reach ~0)."""
+    torch.manual_seed(0)
+    net = tiny_net()
+    obj = Objectives(noise=[0.3])
+    set_trainable(net, obj)
+    batch = tiny_batch(B=8, L=16)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=3e-3)
+    first = None
+    for _ in range(300):
+        torch.manual_seed(1)  # same downsampling every step: a fixed problem to memorise
+        out = compute_losses(net, batch, obj, sets())
+        first = out["loss"].item() if first is None else first
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert out["loss"].item() < first / 2, (first, out["loss"].item())
+    assert out["cls"].item() < 0.2  # labels are memorised
+
+
+def test_cce_needs_two_views():
+    with pytest.raises(ValueError, match="two views"):
+        Objectives(noise=[0.5], do_cce=True)
+
+
+def test_depth_token_is_optional():
+    net = tiny_net(use_depth_token=False)
+    assert net.cfg.n_cell_tokens == 1 + len(CLASSES)
+    batch = tiny_batch()
+    cell, _ = net.encode(batch["genes"].long(), batch["x"])
+    assert cell.shape == (8, 3, 32)
+    deep = tiny_net()
+    other = copy.deepcopy(batch)
+    other["depth"] = other["depth"] * 10
+    a, _ = deep.encode(batch["genes"].long(), batch["x"], batch["depth"])
+    b, _ = deep.encode(batch["genes"].long(), batch["x"], other["depth"])
+    assert not torch.allclose(a, b)  # the depth token carries the depth
