@@ -100,11 +100,20 @@ def set_site(profile_text: str, marker: str, value: str) -> str:
     return "".join(lines)
 
 
+def edit_profile(workdir: Path, rule: str, **resources) -> None:
+    """Change one rule's resources in the project's profile copy (what a user edits: on the
+    command line, --set-resources would replace the profile's whole set-resources)."""
+    path = workdir / "profiles" / "slurm" / "config.yaml"
+    profile = yaml.safe_load(path.read_text())
+    profile["set-resources"][rule].update(resources)
+    path.write_text(yaml.safe_dump(profile, sort_keys=False))
+
+
 def snakemake(
     cluster: LocalSlurm, workdir: Path, *args: str, snakefile: Path = TEST_SNAKEFILE,
-    check: bool = True, background: bool = False, timeout: float = 900,
+    check: bool = True, background: bool = False, timeout: float = 900, env: dict | None = None,
 ):  # fmt: skip
-    env = cluster.env()
+    env = dict(env or cluster.env())
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     cmd = [
         sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", str(workdir),
@@ -153,12 +162,17 @@ def facts(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5, run=None):
+    """Poll ``predicate`` until it is truthy; give up early when ``run`` (a Popen) ends."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
+        if run is not None and run.poll() is not None:
+            raise AssertionError(
+                f"snakemake ended ({run.returncode}) before {what}:\n{run.stdout.read()[-6000:]}"
+            )
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
@@ -274,7 +288,7 @@ def test_a_cancelled_job_fails_the_run_clearly_and_a_rerun_redoes_only_what_is_m
                 if r.get("Comment") == "rule_slow" and r["JobState"] == "RUNNING"
                 and (workdir / "chain" / "slow.started").exists()
             ],
-            timeout=300, what="the slow job to run",
+            timeout=300, what="the slow job to run", run=run,
         )[0]  # fmt: skip
         cluster.run("scancel", slow["JobId"])
         output, _ = run.communicate(timeout=300)
@@ -292,3 +306,136 @@ def test_a_cancelled_job_fails_the_run_clearly_and_a_rerun_redoes_only_what_is_m
     assert rules == ["slow", "last"]
     assert (workdir / "chain" / "first.txt").read_text() == first_job
     assert (workdir / "chain" / "last.txt").exists()
+
+
+# -- training on Slurm: DDP through srun, requeue and resume ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def fit_project(tmp_path_factory) -> Path:
+    """A project with a tiny laminDB collection and gene files (test_fit's builder)."""
+    from test_fit import build_tiny_collection, write_gene_files
+
+    path = project(tmp_path_factory.mktemp("fit"))
+    info = build_tiny_collection(path)
+    write_gene_files(path, info["genes"])
+    return path
+
+
+def fit_args(ckpt_dir: str, max_steps: int, *extra: str) -> str:
+    from test_fit import small_run_args
+
+    args = [
+        "--config", str(REPO / "config" / "base.yml"),
+        "--config", str(REPO / "config" / "pretrain_small.yml"),
+        "--trainer.max_steps", str(max_steps),
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--wandblog", "null",
+        "--trainer.default_root_dir", ckpt_dir,
+        *small_run_args(ckpt_dir), *extra,
+    ]  # fmt: skip
+    return " ".join(args)
+
+
+def fit_env(cluster: LocalSlurm, workdir: Path) -> dict[str, str]:
+    env = cluster.env()
+    env["LAMIN_SETTINGS_DIR"] = str(workdir / "lamin" / "settings")
+    env["PYTHONPATH"] = f"{REPO / 'tests' / 'slurm'}{os.pathsep}{env['PYTHONPATH']}"
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # one node: rendezvous on loopback (the network guard refuses the node's host name)
+    env["MASTER_ADDR"] = "127.0.0.1"
+    return env
+
+
+def probe_records(directory: Path) -> list[dict]:
+    return [yaml.safe_load(p.read_text()) for p in sorted(directory.glob("*.json"))]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_ddp_two_cpu_ranks_started_by_srun_agree_on_the_weights(cluster, fit_project):
+    workdir = fit_project
+    args = fit_args(
+        "ckpt_ddp", 6,
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--trainer.callbacks+=slurm_probe.SlurmProbe",
+        "--trainer.callbacks.init_args.out_dir", "probe_ddp",
+    )  # fmt: skip
+    # no GPU here: two CPU tasks in the cpu partition instead of one task per GPU
+    profile = workdir / "profiles" / "slurm" / "config.yaml"
+    original = profile.read_text()
+    edit_profile(workdir, "train", gpu=0, slurm_partition="cpu", tasks=2, cpus_per_task=1)
+    try:
+        proc = snakemake(
+            cluster, workdir, "facts/train.txt", "--config", f"fit_args={args}",
+            env=fit_env(cluster, workdir),
+        )  # fmt: skip
+    finally:
+        profile.write_text(original)
+    (record,) = jobs_of_run(cluster, proc.stdout + proc.stderr)
+    assert record["NumTasks"] == "2" and record["JobState"] == "COMPLETED"
+    log = (workdir / "logs" / "train.log").read_text()
+    assert (
+        "srun --nodes=1 --ntasks=2 --cpus-per-task=1 --kill-on-bad-exit=1 --ntasks-per-node=2"
+        in log
+    )
+    ranks = probe_records(workdir / "probe_ddp")
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    for r in ranks:
+        assert r["world_size"] == 2 and r["backend"] == "gloo", r
+        assert r["cluster_environment"] == "SLURMEnvironment" and r["job_id"] == record["JobId"]
+        assert r["start_step"] == 0 and r["end_step"] == 6
+        assert r["end_digest"] != r["start_digest"]  # it trained
+    assert ranks[0]["start_digest"] == ranks[1]["start_digest"]
+    assert ranks[0]["end_digest"] == ranks[1]["end_digest"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sigusr1_checkpoints_requeues_and_the_job_resumes_at_the_same_step(cluster, fit_project):
+    """What happens at the time limit (--signal=USR1@600 in the profile) or on preemption:
+    Slurm signals the job's steps, Lightning saves hpc_ckpt_1.ckpt and requeues the job
+    (allowed by the profile's --requeue; this cluster's default is not to), Slurm starts it
+    again and training resumes from that checkpoint. Snakemake just sees a longer job."""
+    import torch
+
+    workdir = fit_project
+    args = fit_args(
+        "ckpt_requeue", 10,
+        "--trainer.callbacks+=slurm_probe.SlurmProbe",
+        "--trainer.callbacks.init_args.out_dir", "probe_requeue",
+        "--trainer.callbacks.init_args.pause_at_step", "4",
+    )  # fmt: skip
+    run = snakemake(
+        cluster, workdir, "facts/train.txt", "-F", "--config", f"fit_args={args}",
+        env=fit_env(cluster, workdir), background=True,
+    )  # fmt: skip
+    try:
+        paused = wait_for(
+            lambda: [r for r in probe_records(workdir / "probe_requeue") if "paused_at_step" in r],
+            timeout=600, what="training to reach step 4", run=run,
+        )[0]  # fmt: skip
+        job = paused["job_id"]
+        cluster.run("scancel", "--signal=USR1", job)
+        # Slurm holds a requeued job for 2 minutes (BeginTime); start it now instead
+        wait_for(
+            lambda: cluster.job_record(job).get("Restarts") == "1"
+            and cluster.job_record(job)["JobState"] == "PENDING",
+            timeout=120, what="the job to be requeued", run=run,
+        )  # fmt: skip
+        cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+        output, _ = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, output[-6000:] + (workdir / "logs" / "train.log").read_text()
+    (record,) = [r for r in jobs_of_run(cluster, output) if rule_of(r) == "train"]
+    assert record["JobId"] == job  # the same Slurm job, started twice
+    assert record["Restarts"] == "1" and record["JobState"] == "COMPLETED"
+    assert record["Partition"] == "gpu" and record.get("JOB_GRES") == "gpu:1"
+    hpc = torch.load(workdir / "ckpt_requeue" / "hpc_ckpt_1.ckpt", weights_only=False)
+    assert hpc["global_step"] == 4
+    first, second = sorted(probe_records(workdir / "probe_requeue"), key=lambda r: r["restarts"])
+    assert (first["restarts"], first["start_step"], first["paused_at_step"]) == (0, 0, 4)
+    assert "end_step" not in first  # killed by the requeue, never finished
+    assert (second["restarts"], second["start_step"], second["end_step"]) == (1, 4, 10)
+    assert second["cluster_environment"] == "SLURMEnvironment"
