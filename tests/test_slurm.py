@@ -439,3 +439,43 @@ def test_sigusr1_checkpoints_requeues_and_the_job_resumes_at_the_same_step(clust
     assert "end_step" not in first  # killed by the requeue, never finished
     assert (second["restarts"], second["start_step"], second["end_step"]) == (1, 4, 10)
     assert second["cluster_environment"] == "SLURMEnvironment"
+
+
+# -- the pipeline itself ---------------------------------------------------------------------
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_the_demo_dag_runs_on_slurm_with_every_rule_in_its_partition(cluster, tmp_path):
+    workdir = project(tmp_path)
+    proc = snakemake(
+        cluster, workdir, "--configfile=config/demo.yaml", "all",
+        snakefile=REPO / "workflow" / "Snakefile", timeout=3000,
+    )  # fmt: skip
+    wanted = expected_resources((workdir / "profiles" / "slurm" / "config.yaml").read_text())
+    records = jobs_of_run(cluster, proc.stdout + proc.stderr)
+    by_rule: dict[str, list[dict]] = {}
+    for record in records:
+        by_rule.setdefault(rule_of(record), []).append(record)
+    assert set(by_rule) == {
+        "lamin_instance", "ontologies", "demo_data", "list_datasets", "download", "preprocess",
+        "collection", "gene_positions", "tiny_esm", "gene_embeddings", "train",
+    }  # fmt: skip
+    assert len(by_rule["download"]) == len(by_rule["preprocess"]) == 4
+    for rule, jobs in by_rule.items():
+        for record in jobs:
+            assert record["JobState"] == "COMPLETED", (rule, record["JobId"])
+            assert record["Partition"] == wanted[rule]["slurm_partition"], rule
+            assert minutes(record["TimeLimit"]) == wanted[rule]["runtime"], rule
+            gres = record.get("JOB_GRES")
+            assert (gres == "gpu:1") if rule in GPU_RULES else gres in (None, "(null)"), rule
+    assert {r["Partition"] for r in by_rule["download"]} == {INTERNET_PARTITION}
+    summary = yaml.safe_load((workdir / "results" / "train" / "demo.json").read_text())
+    assert summary["steps"] > 0
+    assert (workdir / "checkpoints" / "demo" / "last.ckpt").stat().st_size > 0
+    # nothing left to do, as Slurm's records say (no new jobs)
+    again = snakemake(
+        cluster, workdir, "--configfile=config/demo.yaml", "all",
+        snakefile=REPO / "workflow" / "Snakefile",
+    )  # fmt: skip
+    assert "Nothing to be done" in again.stdout + again.stderr
