@@ -470,6 +470,11 @@ def test_the_demo_dag_runs_on_slurm_with_every_rule_in_its_partition(cluster, tm
             gres = record.get("JOB_GRES")
             assert (gres == "gpu:1") if rule in GPU_RULES else gres in (None, "(null)"), rule
     assert {r["Partition"] for r in by_rule["download"]} == {INTERNET_PARTITION}
+    # training ran as its own job step (profiles/slurm/srun-launch), where Lightning found
+    # Slurm and armed the SIGUSR1 checkpoint-and-requeue handler
+    train_log = (workdir / "logs" / "train" / "train.log").read_text()
+    assert "srun-launch: srun --nodes=1 --ntasks=1 --cpus-per-task=8" in train_log
+    assert "SLURM auto-requeueing enabled" in train_log
     summary = yaml.safe_load((workdir / "results" / "train" / "demo.json").read_text())
     assert summary["steps"] > 0
     assert (workdir / "checkpoints" / "demo" / "last.ckpt").stat().st_size > 0
