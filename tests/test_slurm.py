@@ -1,0 +1,486 @@
+"""profiles/slurm on a real Slurm cluster: routing, GPUs, retries, cancellation, DDP, requeue.
+
+A single-node cluster (munge, slurmctld, slurmd from the Debian packages; partitions cpu,
+gpu and internet; one gres GPU backed by /dev/null) is started once for this module by
+tests/slurm/cluster.py and stopped afterwards. Every workflow runs through
+`--profile profiles/slurm` (a copy in the project directory, as a user has it) plus only
+what this cluster needs: job states from squeue (it has no accounting database) and short
+poll intervals. Assertions read Slurm's own records (`scontrol show job`; finished jobs
+stay for MinJobAge) and what the jobs saw in their environment.
+
+Without root or the packages the tests skip with the reason; with SCPRINT_REQUIRE_SLURM=1
+(CI) they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+from slurm.cluster import ClusterUnavailable, LocalSlurm, why_unavailable
+
+PROFILE = REPO / "profiles" / "slurm"
+TEST_SNAKEFILE = REPO / "tests" / "slurm" / "Snakefile"
+# What this cluster needs on top of the profile, and nothing else.
+CLUSTER_OVERRIDES = [
+    "--slurm-status-command", "squeue",
+    "--slurm-init-seconds-before-status-checks", "1",
+    "--seconds-between-status-checks", "1",
+]  # fmt: skip
+INTERNET_PARTITION = "internet"
+GPU_RULES = {"gene_embeddings", "train"}
+
+
+# -- the cluster ---------------------------------------------------------------------------
+
+
+def _unavailable(reason: str):
+    message = f"local Slurm cluster unavailable: {reason}"
+    if os.environ.get("SCPRINT_REQUIRE_SLURM") == "1":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = why_unavailable()
+    if reason:
+        _unavailable(reason)
+    # munged runs as user munge: its directory must not sit under pytest's 0700 tmp dirs
+    root = Path(tempfile.mkdtemp(prefix="scprint-slurm-", dir="/tmp"))
+    slurm = LocalSlurm(root, extra_partitions=(INTERNET_PARTITION,))
+    try:
+        slurm.start()
+    except ClusterUnavailable as err:
+        slurm.stop()
+        _unavailable(str(err))
+    yield slurm
+    slurm.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def project(path: Path) -> Path:
+    """A project directory as a user has it: config/ and profiles/ from the repository, with
+    the internet partition's SITE line set to this cluster's `internet` partition."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "config", path / "config", dirs_exist_ok=True)
+    shutil.copytree(PROFILE, path / "profiles" / "slurm", dirs_exist_ok=True)
+    profile = path / "profiles" / "slurm" / "config.yaml"
+    profile.write_text(set_site(profile.read_text(), "internet access", INTERNET_PARTITION))
+    return path
+
+
+def set_site(profile_text: str, marker: str, value: str) -> str:
+    """Change the value on the one `# SITE: ...marker...` line, as a user edits it."""
+    lines = profile_text.splitlines(keepends=True)
+    hits = [i for i, line in enumerate(lines) if "# SITE" in line and marker in line]
+    assert len(hits) == 1, f"expected one SITE line about {marker!r}, found {len(hits)}"
+    line = lines[hits[0]]
+    head, comment = line.split("#", 1) if not line.lstrip().startswith("#") else ("", line)
+    if not head:  # a commented-out setting: uncomment it with the new value
+        indent = line[: len(line) - len(line.lstrip())]
+        key = comment.lstrip("# ").split(":", 1)[0]
+        lines[hits[0]] = f"{indent}{key}: {value}   #{comment.split('#', 2)[-1]}"
+    else:
+        key, _, old = head.partition(":")
+        anchor = re.match(r"\s*(&\S+\s+)?", old).group(1) or ""
+        lines[hits[0]] = f"{key}: {anchor}{value}   #{comment}"
+    return "".join(lines)
+
+
+def edit_profile(workdir: Path, rule: str, **resources) -> None:
+    """Change one rule's resources in the project's profile copy (what a user edits: on the
+    command line, --set-resources would replace the profile's whole set-resources)."""
+    path = workdir / "profiles" / "slurm" / "config.yaml"
+    profile = yaml.safe_load(path.read_text())
+    profile["set-resources"][rule].update(resources)
+    path.write_text(yaml.safe_dump(profile, sort_keys=False))
+
+
+def snakemake(
+    cluster: LocalSlurm, workdir: Path, *args: str, snakefile: Path = TEST_SNAKEFILE,
+    check: bool = True, background: bool = False, timeout: float = 900, env: dict | None = None,
+):  # fmt: skip
+    env = dict(env or cluster.env())
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    cmd = [
+        sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", str(workdir),
+        "--profile", "profiles/slurm", *CLUSTER_OVERRIDES, *args,
+    ]  # fmt: skip
+    if background:
+        return subprocess.Popen(
+            cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    proc = subprocess.run(
+        cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        logs = "\n".join(
+            f"--- {log}\n{log.read_text()[-3000:]}"
+            for log in sorted(workdir.glob("logs/**/*.log"))
+            if log.is_file()
+        )
+        raise AssertionError(
+            f"snakemake {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-8000:]}\n{logs}"
+        )
+    return proc
+
+
+def run_id(output: str) -> str:
+    """The plugin names every job of one Snakemake run after the run's id."""
+    match = re.search(r"SLURM run ID: (\S+)", output)
+    assert match, f"no 'SLURM run ID' in the output:\n{output[-3000:]}"
+    return match.group(1)
+
+
+def rule_of(record: dict) -> str:
+    """The plugin puts `rule_<name>[_wildcards_<values>]` in the job comment."""
+    match = re.match(r"rule_(.+?)(?:_wildcards_.*)?$", record.get("Comment", ""))
+    assert match, f"job {record['JobId']} has no rule comment: {record.get('Comment')}"
+    return match.group(1)
+
+
+def jobs_of_run(cluster: LocalSlurm, output: str) -> list[dict]:
+    name = run_id(output)
+    return [r for r in cluster.jobs() if r["JobName"] == name]
+
+
+def facts(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5, run=None):
+    """Poll ``predicate`` until it is truthy; give up early when ``run`` (a Popen) ends."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if run is not None and run.poll() is not None:
+            raise AssertionError(
+                f"snakemake ended ({run.returncode}) before {what}:\n{run.stdout.read()[-6000:]}"
+            )
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def minutes(limit: str) -> int:
+    """Slurm's TimeLimit ([D-]HH:MM:SS) in minutes."""
+    days, _, hms = limit.rpartition("-")
+    h, m, s = (int(x) for x in hms.split(":"))
+    return (int(days or 0) * 24 + h) * 60 + m + (1 if s else 0)
+
+
+def expected_resources(profile_text: str) -> dict[str, dict]:
+    """rule -> the resources the profile asks for (set-resources over default-resources)."""
+    profile = yaml.safe_load(profile_text)
+    default = profile["default-resources"]
+    rules = set(profile["set-resources"]) | {"lamin_instance", "demo_data", "gene_positions"}
+    return {rule: {**default, **profile["set-resources"].get(rule, {})} for rule in rules}
+
+
+# -- the profile as text: one place for site settings ----------------------------------------
+
+
+def effective_partitions(profile_text: str) -> dict[str, str]:
+    return {rule: r["slurm_partition"] for rule, r in expected_resources(profile_text).items()}
+
+
+def test_each_site_setting_is_changed_on_one_line():
+    text = (PROFILE / "config.yaml").read_text()
+    base = effective_partitions(text)
+    assert base["train"] == base["gene_embeddings"] == "gpu"
+    assert {base[r] for r in base if r not in GPU_RULES} == {"cpu"}
+
+    cpu = effective_partitions(set_site(text, "CPU jobs", "compute"))
+    assert {cpu[r] for r in cpu if r not in GPU_RULES} == {"compute"}  # downloads follow
+    assert cpu["train"] == "gpu"
+
+    web = effective_partitions(set_site(text, "internet access", "web"))
+    assert {r for r, p in web.items() if p == "web"} == {"list_datasets", "download"}
+
+    gpu = effective_partitions(set_site(text, "GPU partition", "a100q"))
+    assert {r for r, p in gpu.items() if p == "a100q"} == GPU_RULES
+
+    model = expected_resources(set_site(text, "GPU type", "h100"))
+    assert {r for r, res in model.items() if res.get("gpu_model") == "h100"} == GPU_RULES
+
+    account = expected_resources(set_site(text, "account", "mylab"))
+    assert {res.get("slurm_account") for res in account.values()} == {"mylab"}
+
+
+# -- routing, on the cluster -----------------------------------------------------------------
+
+
+@pytest.mark.slurm
+def test_rules_run_in_their_partitions_and_gpu_rules_get_a_gpu(cluster, tmp_path):
+    workdir = project(tmp_path)
+    proc = snakemake(cluster, workdir, "all")
+    wanted = expected_resources((workdir / "profiles" / "slurm" / "config.yaml").read_text())
+    records = {rule_of(r): r for r in jobs_of_run(cluster, proc.stdout + proc.stderr)}
+    assert set(records) == {"list_datasets", "download", "preprocess", "collection"} | GPU_RULES
+
+    for rule, record in records.items():
+        want = wanted[rule]
+        assert record["JobState"] == "COMPLETED", (rule, record["JobState"])
+        assert record["Partition"] == want["slurm_partition"], rule
+        assert minutes(record["TimeLimit"]) == want["runtime"], rule
+        assert (
+            record["MinMemoryNode"] == f"{want['mem_mb']}M"
+            or record["MinMemoryNode"] == f"{want['mem_mb'] / 1024:.2f}G"
+        ), (rule, record["MinMemoryNode"])
+        seen = facts(workdir / "facts" / f"{rule}.txt")
+        assert (
+            seen["SLURM_JOB_ID"] == record["JobId"]
+            and seen["SLURM_JOB_PARTITION"] == (want["slurm_partition"])
+        )
+        if rule in GPU_RULES:
+            assert record.get("JOB_GRES") == "gpu:1", (rule, record.get("JOB_GRES"))
+            assert seen["CUDA_VISIBLE_DEVICES"] == "0", rule
+            assert seen["SLURM_CPUS_PER_TASK"] == str(want["cpus_per_task"]), rule
+        else:
+            assert record.get("JOB_GRES") in (None, "(null)"), (rule, record.get("JOB_GRES"))
+            assert seen["CUDA_VISIBLE_DEVICES"] == "", rule
+    assert records["download"]["Partition"] == INTERNET_PARTITION
+    assert records["train"]["Requeue"] == "1"  # the profile's slurm-requeue (cluster default: 0)
+    log = (workdir / "logs" / "train.log").read_text()
+    assert "srun-launch: srun --nodes=1 --ntasks=1 --cpus-per-task=8" in log
+
+
+# -- failures --------------------------------------------------------------------------------
+
+
+@pytest.mark.slurm
+def test_a_failed_job_is_retried(cluster, tmp_path):
+    workdir = project(tmp_path)
+    proc = snakemake(cluster, workdir, "flaky/done.txt")
+    states = [r["JobState"] for r in jobs_of_run(cluster, proc.stdout + proc.stderr)]
+    assert states == ["FAILED", "COMPLETED"]
+    assert (workdir / "flaky" / "done.txt").read_text() == "ok\n"
+
+
+@pytest.mark.slurm
+def test_a_cancelled_job_fails_the_run_clearly_and_a_rerun_redoes_only_what_is_missing(
+    cluster, tmp_path
+):
+    workdir = project(tmp_path)
+    run = snakemake(
+        cluster, workdir, "chain/last.txt", "--retries", "0", "--config", "slow_seconds=120",
+        background=True,
+    )  # fmt: skip
+    try:
+        slow = wait_for(
+            lambda: [
+                r for r in cluster.jobs()
+                if r.get("Comment") == "rule_slow" and r["JobState"] == "RUNNING"
+                and (workdir / "chain" / "slow.started").exists()
+            ],
+            timeout=300, what="the slow job to run", run=run,
+        )[0]  # fmt: skip
+        cluster.run("scancel", slow["JobId"])
+        output, _ = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode != 0
+    assert f"SLURM-job '{slow['JobId']}' failed, SLURM status is: 'CANCELLED'" in output
+    assert "Error in rule slow" in output
+    assert not (workdir / "chain" / "slow.txt").exists()
+    first_job = (workdir / "chain" / "first.txt").read_text()
+
+    rerun = snakemake(cluster, workdir, "chain/last.txt", "--config", "slow_seconds=1")
+    rules = [rule_of(r) for r in jobs_of_run(cluster, rerun.stdout + rerun.stderr)]
+    assert rules == ["slow", "last"]
+    assert (workdir / "chain" / "first.txt").read_text() == first_job
+    assert (workdir / "chain" / "last.txt").exists()
+
+
+# -- training on Slurm: DDP through srun, requeue and resume ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def fit_project(tmp_path_factory) -> Path:
+    """A project with a tiny laminDB collection and gene files (test_fit's builder)."""
+    from test_fit import build_tiny_collection, write_gene_files
+
+    path = project(tmp_path_factory.mktemp("fit"))
+    info = build_tiny_collection(path)
+    write_gene_files(path, info["genes"])
+    return path
+
+
+def fit_args(ckpt_dir: str, max_steps: int, *extra: str) -> str:
+    from test_fit import small_run_args
+
+    args = [
+        "--config", str(REPO / "config" / "base.yml"),
+        "--config", str(REPO / "config" / "pretrain_small.yml"),
+        "--trainer.max_steps", str(max_steps),
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--wandblog", "null",
+        "--trainer.default_root_dir", ckpt_dir,
+        *small_run_args(ckpt_dir), *extra,
+    ]  # fmt: skip
+    return " ".join(args)
+
+
+def fit_env(cluster: LocalSlurm, workdir: Path) -> dict[str, str]:
+    env = cluster.env()
+    env["LAMIN_SETTINGS_DIR"] = str(workdir / "lamin" / "settings")
+    env["PYTHONPATH"] = f"{REPO / 'tests' / 'slurm'}{os.pathsep}{env['PYTHONPATH']}"
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # one node: rendezvous on loopback (the network guard refuses the node's host name)
+    env["MASTER_ADDR"] = "127.0.0.1"
+    return env
+
+
+def probe_records(directory: Path) -> list[dict]:
+    return [yaml.safe_load(p.read_text()) for p in sorted(directory.glob("*.json"))]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_ddp_two_cpu_ranks_started_by_srun_agree_on_the_weights(cluster, fit_project):
+    workdir = fit_project
+    args = fit_args(
+        "ckpt_ddp", 6,
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--trainer.callbacks+=slurm_probe.SlurmProbe",
+        "--trainer.callbacks.init_args.out_dir", "probe_ddp",
+    )  # fmt: skip
+    # no GPU here: two CPU tasks in the cpu partition instead of one task per GPU
+    profile = workdir / "profiles" / "slurm" / "config.yaml"
+    original = profile.read_text()
+    edit_profile(workdir, "train", gpu=0, slurm_partition="cpu", tasks=2, cpus_per_task=1)
+    try:
+        proc = snakemake(
+            cluster, workdir, "facts/train.txt", "--config", f"fit_args={args}",
+            env=fit_env(cluster, workdir),
+        )  # fmt: skip
+    finally:
+        profile.write_text(original)
+    (record,) = jobs_of_run(cluster, proc.stdout + proc.stderr)
+    assert record["NumTasks"] == "2" and record["JobState"] == "COMPLETED"
+    log = (workdir / "logs" / "train.log").read_text()
+    assert (
+        "srun --nodes=1 --ntasks=2 --cpus-per-task=1 --kill-on-bad-exit=1 --ntasks-per-node=2"
+        in log
+    )
+    ranks = probe_records(workdir / "probe_ddp")
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    for r in ranks:
+        assert r["world_size"] == 2 and r["backend"] == "gloo", r
+        assert r["cluster_environment"] == "SLURMEnvironment" and r["job_id"] == record["JobId"]
+        assert r["start_step"] == 0 and r["end_step"] == 6
+        assert r["end_digest"] != r["start_digest"]  # it trained
+    assert ranks[0]["start_digest"] == ranks[1]["start_digest"]
+    assert ranks[0]["end_digest"] == ranks[1]["end_digest"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sigusr1_checkpoints_requeues_and_the_job_resumes_at_the_same_step(cluster, fit_project):
+    """What happens at the time limit (--signal=USR1@600 in the profile) or on preemption:
+    Slurm signals the job's steps, Lightning saves hpc_ckpt_1.ckpt and requeues the job
+    (allowed by the profile's --requeue; this cluster's default is not to), Slurm starts it
+    again and training resumes from that checkpoint. Snakemake just sees a longer job."""
+    import torch
+
+    workdir = fit_project
+    args = fit_args(
+        "ckpt_requeue", 10,
+        "--trainer.callbacks+=slurm_probe.SlurmProbe",
+        "--trainer.callbacks.init_args.out_dir", "probe_requeue",
+        "--trainer.callbacks.init_args.pause_at_step", "4",
+    )  # fmt: skip
+    run = snakemake(
+        cluster, workdir, "facts/train.txt", "-F", "--config", f"fit_args={args}",
+        env=fit_env(cluster, workdir), background=True,
+    )  # fmt: skip
+    try:
+        paused = wait_for(
+            lambda: [r for r in probe_records(workdir / "probe_requeue") if "paused_at_step" in r],
+            timeout=600, what="training to reach step 4", run=run,
+        )[0]  # fmt: skip
+        job = paused["job_id"]
+        cluster.run("scancel", "--signal=USR1", job)
+        # Slurm holds a requeued job for 2 minutes (BeginTime); start it now instead
+        wait_for(
+            lambda: cluster.job_record(job).get("Restarts") == "1"
+            and cluster.job_record(job)["JobState"] == "PENDING",
+            timeout=120, what="the job to be requeued", run=run,
+        )  # fmt: skip
+        cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+        output, _ = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, output[-6000:] + (workdir / "logs" / "train.log").read_text()
+    (record,) = [r for r in jobs_of_run(cluster, output) if rule_of(r) == "train"]
+    assert record["JobId"] == job  # the same Slurm job, started twice
+    assert record["Restarts"] == "1" and record["JobState"] == "COMPLETED"
+    assert record["Partition"] == "gpu" and record.get("JOB_GRES") == "gpu:1"
+    hpc = torch.load(workdir / "ckpt_requeue" / "hpc_ckpt_1.ckpt", weights_only=False)
+    assert hpc["global_step"] == 4
+    first, second = sorted(probe_records(workdir / "probe_requeue"), key=lambda r: r["restarts"])
+    assert (first["restarts"], first["start_step"], first["paused_at_step"]) == (0, 0, 4)
+    assert "end_step" not in first  # killed by the requeue, never finished
+    assert (second["restarts"], second["start_step"], second["end_step"]) == (1, 4, 10)
+    assert second["cluster_environment"] == "SLURMEnvironment"
+
+
+# -- the pipeline itself ---------------------------------------------------------------------
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_the_demo_dag_runs_on_slurm_with_every_rule_in_its_partition(cluster, tmp_path):
+    workdir = project(tmp_path)
+    proc = snakemake(
+        cluster, workdir, "--configfile=config/demo.yaml", "all",
+        snakefile=REPO / "workflow" / "Snakefile", timeout=3000,
+    )  # fmt: skip
+    wanted = expected_resources((workdir / "profiles" / "slurm" / "config.yaml").read_text())
+    records = jobs_of_run(cluster, proc.stdout + proc.stderr)
+    by_rule: dict[str, list[dict]] = {}
+    for record in records:
+        by_rule.setdefault(rule_of(record), []).append(record)
+    assert set(by_rule) == {
+        "lamin_instance", "ontologies", "demo_data", "list_datasets", "download", "preprocess",
+        "collection", "gene_positions", "tiny_esm", "gene_embeddings", "train",
+    }  # fmt: skip
+    assert len(by_rule["download"]) == len(by_rule["preprocess"]) == 4
+    for rule, jobs in by_rule.items():
+        for record in jobs:
+            assert record["JobState"] == "COMPLETED", (rule, record["JobId"])
+            assert record["Partition"] == wanted[rule]["slurm_partition"], rule
+            assert minutes(record["TimeLimit"]) == wanted[rule]["runtime"], rule
+            gres = record.get("JOB_GRES")
+            assert (gres == "gpu:1") if rule in GPU_RULES else gres in (None, "(null)"), rule
+    assert {r["Partition"] for r in by_rule["download"]} == {INTERNET_PARTITION}
+    # training ran as its own job step (profiles/slurm/srun-launch), where Lightning found
+    # Slurm and armed the SIGUSR1 checkpoint-and-requeue handler
+    train_log = (workdir / "logs" / "train" / "train.log").read_text()
+    assert "srun-launch: srun --nodes=1 --ntasks=1 --cpus-per-task=8" in train_log
+    assert "SLURM auto-requeueing enabled" in train_log
+    summary = yaml.safe_load((workdir / "results" / "train" / "demo.json").read_text())
+    assert summary["steps"] > 0
+    assert (workdir / "checkpoints" / "demo" / "last.ckpt").stat().st_size > 0
+    # nothing left to do, as Slurm's records say (no new jobs)
+    again = snakemake(
+        cluster, workdir, "--configfile=config/demo.yaml", "all",
+        snakefile=REPO / "workflow" / "Snakefile",
+    )  # fmt: skip
+    assert "Nothing to be done" in again.stdout + again.stderr
