@@ -1,8 +1,8 @@
 """profiles/slurm on a real Slurm cluster: routing, GPUs, retries, cancellation, DDP, requeue.
 
 A single-node cluster (munge, slurmctld, slurmd from the Debian packages; partitions cpu,
-gpu and internet; one gres GPU backed by /dev/null) is started once for this module by
-tests/slurm/cluster.py and stopped afterwards. Every workflow runs through
+gpu and internet; two gres GPUs backed by /dev/null and /dev/zero) is started once for
+this module by tests/slurm/cluster.py and stopped afterwards. Every workflow runs through
 `--profile profiles/slurm` (a copy in the project directory, as a user has it) plus only
 what this cluster needs: job states from squeue (it has no accounting database) and short
 poll intervals. Assertions read Slurm's own records (`scontrol show job`; finished jobs
@@ -360,10 +360,11 @@ def test_ddp_two_cpu_ranks_started_by_srun_agree_on_the_weights(cluster, fit_pro
         "--trainer.callbacks+=slurm_probe.SlurmProbe",
         "--trainer.callbacks.init_args.out_dir", "probe_ddp",
     )  # fmt: skip
-    # no GPU here: two CPU tasks in the cpu partition instead of one task per GPU
+    # the profile's "several GPUs on one node" edit, with 2 (fake) GPUs; the ranks train
+    # on CPU with gloo since the GPUs are /dev/null and /dev/zero
     profile = workdir / "profiles" / "slurm" / "config.yaml"
     original = profile.read_text()
-    edit_profile(workdir, "train", gpu=0, slurm_partition="cpu", tasks=2, cpus_per_task=1)
+    edit_profile(workdir, "train", gpu=2, nodes=1, cpus_per_task=1)
     try:
         proc = snakemake(
             cluster, workdir, "facts/train.txt", "--config", f"fit_args={args}",
@@ -373,6 +374,7 @@ def test_ddp_two_cpu_ranks_started_by_srun_agree_on_the_weights(cluster, fit_pro
         profile.write_text(original)
     (record,) = jobs_of_run(cluster, proc.stdout + proc.stderr)
     assert record["NumTasks"] == "2" and record["JobState"] == "COMPLETED"
+    assert record["Partition"] == "gpu" and record.get("JOB_GRES") == "gpu:2"
     log = (workdir / "logs" / "train.log").read_text()
     assert (
         "srun --nodes=1 --ntasks=2 --cpus-per-task=1 --kill-on-bad-exit=1 --ntasks-per-node=2"

@@ -14,8 +14,9 @@ and the Debian packages ``slurmctld slurmd slurm-client munge`` (Slurm 22.05).
 The node declares more CPUs and memory than a CI machine has (``SlurmdParameters=
 config_overrides``): Slurm then schedules the profile's real resource requests (a GPU rule
 asking for 4 CPUs and 32 GB) instead of rejecting them. Nothing is enforced (no cgroups),
-so the oversubscription only affects bookkeeping. The one GPU is a gres with
-``File=/dev/null``: Slurm allocates it and sets CUDA_VISIBLE_DEVICES, there is no device.
+so the oversubscription only affects bookkeeping. The two GPUs are gres with
+``File=/dev/null`` and ``File=/dev/zero``: Slurm allocates them and sets
+CUDA_VISIBLE_DEVICES, there is no device.
 
 Run by hand: ``python tests/slurm/cluster.py start DIR`` / ``stop DIR``.
 """
@@ -200,7 +201,7 @@ InactiveLimit=0
 KillWait=5
 # Jobs are not requeueable unless they ask (sbatch --requeue), as on many clusters.
 JobRequeue=0
-NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} RealMemory={NODE_MEMORY_MB} Gres=gpu:1 State=UNKNOWN
+NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} RealMemory={NODE_MEMORY_MB} Gres=gpu:2 State=UNKNOWN
 PartitionName=cpu Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes={NODE} MaxTime=INFINITE State=UP
 """
@@ -209,7 +210,11 @@ PartitionName=gpu Nodes={NODE} MaxTime=INFINITE State=UP
                 for name in self.extra_partitions
             )
         )
-        (SLURM_ETC / "gres.conf").write_text(f"{MARKER}\nNodeName={NODE} Name=gpu File=/dev/null\n")
+        (SLURM_ETC / "gres.conf").write_text(
+            f"{MARKER}\n"
+            f"NodeName={NODE} Name=gpu File=/dev/null\n"
+            f"NodeName={NODE} Name=gpu File=/dev/zero\n"
+        )
 
     def _wait_until_idle(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
