@@ -1,0 +1,412 @@
+"""`scprint preprocess`: scdataloader's Preprocessor on one dataset, with checks first.
+
+The Preprocessor fails late and cryptically on the inputs users actually have (scPRINT #35,
+#33; scDataLoader #6): normalized counts, gene symbols, missing obs columns, terms the
+registries do not know. So every problem we can see is looked for before it runs, all of
+them reported at once in one error that names the dataset, each problem and its fix.
+
+Counts: raw integer counts are taken from ``raw.X`` when present (CELLxGENE keeps them
+there whenever ``X`` is normalized), else ``X``, else ``layers["counts"]``; the chosen
+matrix becomes ``X`` before the Preprocessor runs. A dataset with no raw counts anywhere
+is refused.
+
+CELLxGENE conventions that scdataloader spells differently are relabelled first, and the
+report says how many cells each touched: self-reported ethnicity "na" (non-human) becomes
+"unknown" and comma-joined ethnicities (multi-ethnic donors) "multiethnic"; a CL term in
+``tissue_ontology_term_id`` (cell cultures) becomes "unknown", as scdataloader does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from scprint.io import StageError, atomic_path, check_dataset_id, write_json
+
+log = logging.getLogger(__name__)
+
+REQUIRED_OBS = (
+    "organism_ontology_term_id",
+    "cell_type_ontology_term_id",
+    "tissue_ontology_term_id",
+    "disease_ontology_term_id",
+    "development_stage_ontology_term_id",
+    "self_reported_ethnicity_ontology_term_id",
+    "assay_ontology_term_id",
+    "sex_ontology_term_id",
+)
+ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{6,}$")
+VERSIONED_ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{6,}\.\d+$")
+ROWS_CHECKED = 50_000  # rows inspected for integer counts, as scdataloader does
+
+
+@dataclass
+class Params:
+    """The Preprocessor's parameters we expose (config: preprocess.*)."""
+
+    min_valid_genes_id: int = 10_000
+    min_nnz_genes: int = 200
+    min_dataset_size: int = 100
+    maxdropamount: int = 50
+    is_symbol: bool = False
+    skip_validate: bool = False
+
+
+def read_dataset(dataset: str, path: Path):
+    import anndata
+
+    if not path.exists():
+        raise StageError(
+            f"dataset {dataset}: input {path} does not exist. Fix: download it first "
+            "(`scprint download`) or correct the path"
+        )
+    try:
+        return anndata.read_h5ad(path)
+    except Exception as err:  # h5py/anndata raise OSError, KeyError, ValueError...
+        raise StageError(
+            f"dataset {dataset}: cannot read {path} as an h5ad file ({type(err).__name__}: "
+            f"{err}). The file is corrupt or truncated (an interrupted download?). Fix: "
+            "delete it and download it again; `scprint download` verifies size and checksum"
+        ) from err
+
+
+def describe_values(matrix) -> str | None:
+    """None when the first rows hold non-negative integers; else what they hold instead."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    rows = matrix[:ROWS_CHECKED]
+    values = rows.data if sp.issparse(rows) else np.asarray(rows).ravel()
+    if values.size == 0:
+        return None
+    if values.min() < 0:
+        return f"negative values (min {values.min():.3g}: scaled or centred data)"
+    fractional = values != np.round(values)
+    if fractional.any():
+        example = values[fractional][0]
+        return f"non-integer values (e.g. {example:.4g}, max {values.max():.3g}: normalized or log counts)"
+    return None
+
+
+def choose_counts(adata) -> tuple[str | None, object, object, list[str]]:
+    """Find the raw counts: (where, matrix, var, why-not per place looked at)."""
+    looked = []
+    if adata.raw is not None:
+        problem = describe_values(adata.raw.X)
+        if problem is None:
+            return "raw.X", adata.raw.X, adata.raw.var, looked
+        looked.append(f"raw.X has {problem}")
+    problem = describe_values(adata.X)
+    if problem is None:
+        return "X", adata.X, adata.var, looked
+    looked.append(f"X has {problem}")
+    if "counts" in adata.layers:
+        problem = describe_values(adata.layers["counts"])
+        if problem is None:
+            return "layers['counts']", adata.layers["counts"], adata.var, looked
+        looked.append(f"layers['counts'] has {problem}")
+    return None, None, None, looked
+
+
+def harmonise_obs(obs) -> dict[str, int]:
+    """Relabel CELLxGENE conventions to scdataloader's (see module doc); returns counts."""
+    relabelled = {}
+    column = "self_reported_ethnicity_ontology_term_id"
+    if column in obs:
+        values = obs[column].astype("string")  # keeps missing values missing
+        na = (values == "na").fillna(False)
+        multi = values.str.contains(",", regex=False).fillna(False)
+        obs[column] = values.mask(na, "unknown").mask(multi, "multiethnic").astype(object)
+        relabelled.update({f"{column}: na -> unknown": int(na.sum())})
+        relabelled.update({f"{column}: comma-joined -> multiethnic": int(multi.sum())})
+    column = "tissue_ontology_term_id"
+    if column in obs:
+        values = obs[column].astype("string")
+        suffix = r" \((?:cell culture|organoid)\)$"
+        suffixed = values.str.contains(suffix, regex=True).fillna(False)
+        values = values.str.replace(suffix, "", regex=True)
+        cell_culture = values.str.startswith("CL:").fillna(False)
+        obs[column] = values.mask(cell_culture, "unknown").astype(object)
+        relabelled.update(
+            {f"{column}: '(cell culture)'/'(organoid)' suffix removed": int(suffixed.sum())}
+        )
+        relabelled.update({f"{column}: CL term (cell culture) -> unknown": int(cell_culture.sum())})
+    return {k: v for k, v in relabelled.items() if v}
+
+
+def _examples(values, n: int = 5) -> str:
+    values = list(values)
+    shown = ", ".join(repr(v) for v in values[:n])
+    return shown + (f" and {len(values) - n} more" if len(values) > n else "")
+
+
+def check_structure(adata, params: Params) -> tuple[list[str], dict]:
+    """Problems visible without the database, and the chosen counts (when found)."""
+    import numpy as np
+
+    problems = []
+    if adata.n_obs == 0:
+        problems.append("it has no cells. Fix: check the file is the dataset you meant")
+        return problems, {}
+    duplicated = adata.obs_names[adata.obs_names.duplicated()].unique()
+    if len(duplicated):
+        problems.append(
+            f"{len(duplicated)} cell ids occur more than once (e.g. {_examples(duplicated, 3)}). "
+            "Fix: make them unique, e.g. adata.obs_names_make_unique(), or undo the merge that "
+            "duplicated cells"
+        )
+    missing = [c for c in REQUIRED_OBS if c not in adata.obs.columns]
+    if missing:
+        problems.append(
+            f"required obs columns are missing: {', '.join(missing)}. Fix: add them with "
+            "ontology term ids (CELLxGENE schema), using 'unknown' where a value is not known"
+        )
+    if adata.n_obs < params.min_dataset_size:
+        problems.append(
+            f"it has only {adata.n_obs} cells, fewer than --min-dataset-size "
+            f"{params.min_dataset_size}. Fix: lower --min-dataset-size or leave it out"
+        )
+    naming = gene_naming_problem([str(v) for v in adata.var_names], params)
+    if naming:
+        problems.append(naming)
+    where, counts, var, looked = choose_counts(adata)
+    if where is None:
+        problems.append(
+            f"no raw counts anywhere: {'; '.join(looked)}. scdataloader normalizes the counts "
+            "itself and needs the raw integer counts. Fix: put them in X, raw.X or "
+            "layers['counts'] (CELLxGENE files keep them in raw.X)"
+        )
+        return problems, {}
+    nnz = np.asarray((counts > 0).sum(axis=1)).ravel()
+    kept = int((nnz >= params.min_nnz_genes).sum())
+    fix = (
+        "Fix: lower --min-nnz-genes (targeted panels, shallow sequencing) or "
+        "--min-dataset-size, or leave this dataset out"
+    )
+    if kept == 0:
+        problems.append(
+            f"zero cells left after filtering: no cell has >= {params.min_nnz_genes} expressed "
+            f"genes (median {int(np.median(nnz))}). {fix}"
+        )
+    elif kept < params.min_dataset_size <= adata.n_obs:
+        problems.append(
+            f"only {kept} of {adata.n_obs} cells have >= {params.min_nnz_genes} expressed genes, "
+            f"fewer than --min-dataset-size {params.min_dataset_size}. {fix}"
+        )
+    elif adata.n_obs / (kept + 1) > params.maxdropamount:
+        problems.append(
+            f"filtering would drop {adata.n_obs - kept} of {adata.n_obs} cells (fewer than "
+            f"{params.min_nnz_genes} expressed genes), more than --maxdropamount "
+            f"{params.maxdropamount} allows. {fix}"
+        )
+    return problems, {"where": where, "counts": counts, "var": var, "cells_kept": kept}
+
+
+def check_against_registries(adata, var_names, params: Params) -> tuple[list[str], dict]:
+    """Organism, ontology terms and genes, checked against the laminDB registries."""
+    import bionty as bt
+
+    from scprint.data.ontologies import REGISTRY_FOR_COLUMN
+
+    problems = []
+    organisms = adata.obs["organism_ontology_term_id"].astype(str).unique().tolist()
+    if len(organisms) != 1:
+        problems.append(
+            f"it mixes organisms ({_examples(organisms)}); the Preprocessor handles one per "
+            "dataset. Fix: split the dataset by organism_ontology_term_id"
+        )
+        return problems, {}
+    organism = organisms[0]
+    for column, registry in REGISTRY_FOR_COLUMN.items():
+        values = adata.obs[column]
+        if values.isna().any():
+            problems.append(
+                f"obs column {column} has {int(values.isna().sum())} empty values. Fix: use "
+                "'unknown' where a value is not known"
+            )
+        used = set(values.dropna().astype(str).unique())
+        known = set(
+            getattr(bt, registry)
+            .objects.filter(ontology_id__in=sorted(used))
+            .values_list("ontology_id", flat=True)
+        )
+        unknown = sorted(used - known)
+        if unknown:
+            cells = int(values.astype(str).isin(unknown).sum())
+            problems.append(
+                f"obs column {column} has {len(unknown)} terms that the {registry} registry "
+                f"does not know ({_examples(unknown)}; {cells} cells). Fix: correct them or "
+                "map them to 'unknown'; if they come from a newer ontology release, update "
+                "cellxgene-ontology-guide and rerun `scprint ontologies`"
+            )
+    if organism not in known_organisms():  # reported above; genes cannot be checked
+        return problems, {"organism": organism}
+    field = "symbol" if params.is_symbol else "ensembl_gene_id"
+    registry_genes = set(
+        bt.Gene.objects.filter(organism__ontology_id=organism).values_list(field, flat=True)
+    )
+    if not registry_genes:
+        problems.append(
+            f"the gene registry has no genes for organism {organism}. Fix: run `scprint "
+            f"ontologies --organism {organism}` (config: organisms)"
+        )
+        return problems, {"organism": organism}
+    names = [str(v) for v in var_names]
+    valid = len(set(names) & registry_genes)
+    if valid < params.min_valid_genes_id and not gene_naming_problem(names, params):
+        problems.append(
+            f"only {valid} of {len(names)} genes are known {field} values of {organism} "
+            f"(--min-valid-genes-id is {params.min_valid_genes_id}). Fix: check "
+            "organism_ontology_term_id matches the genes, lower --min-valid-genes-id for "
+            "small gene panels, or rerun `scprint ontologies` with this organism"
+        )
+    return problems, {"organism": organism, "genes_in_registry": valid}
+
+
+def gene_naming_problem(names: list[str], params: Params) -> str | None:
+    """Gene symbols or versioned ids in var.index where Ensembl ids are expected."""
+    if params.is_symbol or not names:
+        return None
+    ensembl = sum(bool(ENSEMBL_ID.match(n)) for n in names)
+    versioned = sum(bool(VERSIONED_ENSEMBL_ID.match(n)) for n in names)
+    if versioned >= len(names) / 2:
+        return (
+            f"Ensembl ids carry version suffixes (e.g. {_examples(names, 3)}). Fix: strip "
+            "them (ENSG00000141510.17 -> ENSG00000141510)"
+        )
+    if ensembl < len(names) / 2:
+        return (
+            f"genes are not named by Ensembl ids (var index e.g. {_examples(names, 4)}: gene "
+            "symbols?). Fix: put Ensembl gene ids in var.index (CELLxGENE files have them there, "
+            "symbols in var['feature_name']), or pass --is-symbol to map symbols to Ensembl ids "
+            "(ambiguous symbols are dropped)"
+        )
+    return None
+
+
+def known_organisms() -> set[str]:
+    import bionty as bt
+
+    return set(bt.Organism.objects.values_list("ontology_id", flat=True))
+
+
+def preprocess(dataset: str, input_path: Path, params: Params) -> tuple[object, dict]:
+    """Check, then run the Preprocessor; returns the processed AnnData and the report."""
+    import anndata
+
+    from scprint.data.lamin import connect
+
+    started = time.perf_counter()
+    adata = read_dataset(dataset, input_path)
+    shape_in = {"cells": adata.n_obs, "genes": adata.n_vars}
+    relabelled = harmonise_obs(adata.obs)
+    problems, counts = check_structure(adata, params)
+    registry_info: dict = {}
+    if not any(c not in adata.obs.columns for c in REQUIRED_OBS) and adata.n_obs:
+        connect()
+        var_names = counts["var"].index if counts else adata.var_names
+        more, registry_info = check_against_registries(adata, var_names, params)
+        problems += more
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise StageError(f"dataset {dataset} ({input_path}) cannot be preprocessed:\n{listed}")
+
+    # the chosen raw counts become X; raw and layers go, so the Preprocessor sees one matrix
+    clean = anndata.AnnData(X=counts["counts"], obs=adata.obs, var=counts["var"], uns=adata.uns)
+    del adata
+    organism = registry_info["organism"]
+    from scdataloader.preprocess import Preprocessor
+
+    preprocessor = Preprocessor(
+        **asdict(params), organisms=[organism], use_raw=False, force_preprocess=False
+    )
+    try:
+        processed = preprocessor(clean, dataset_id=dataset)
+    except Exception as err:  # the Preprocessor raises bare Exception / ValueError
+        raise StageError(
+            f"dataset {dataset}: scdataloader's Preprocessor failed after our checks passed: "
+            f"{type(err).__name__}: {err}. Fix: see the message; the parameters were {asdict(params)}"
+        ) from err
+    unseen = len(processed.uns.get("unseen_genes", []))
+    report = {
+        "dataset": dataset,
+        "input": str(input_path),
+        "organism": organism,
+        "counts_from": counts["where"],
+        "cells": {
+            "before": shape_in["cells"],
+            "after": processed.n_obs,
+            "dropped": {
+                f"fewer than {params.min_nnz_genes} expressed genes": shape_in["cells"]
+                - processed.n_obs
+            },
+        },
+        "genes": {
+            "before": int(counts["var"].shape[0]),
+            "known_to_registry": registry_info["genes_in_registry"],
+            "dropped": {
+                "not in the gene registry or duplicated": int(counts["var"].shape[0])
+                - (processed.n_vars - unseen)
+            },
+            "added_as_zero (registry genes absent from the dataset)": unseen,
+            "after": processed.n_vars,
+        },
+        "qc_flags": {
+            "outlier": int(processed.obs["outlier"].sum()) if "outlier" in processed.obs else None,
+            "mt_outlier": int(processed.obs["mt_outlier"].sum())
+            if "mt_outlier" in processed.obs
+            else None,
+        },
+        "relabelled": relabelled,
+        "params": asdict(params),
+        "duration_s": round(time.perf_counter() - started, 2),
+    }
+    return processed, report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = Params()
+    parser.add_argument("--dataset", required=True, help="dataset id (names it in messages)")
+    parser.add_argument("--input", required=True, help="data/raw/<dataset>.h5ad")
+    parser.add_argument("--out", required=True, help="data/processed/<dataset>.h5ad")
+    parser.add_argument("--report", required=True, help="results/preprocess/<dataset>.json")
+    parser.add_argument("--min-valid-genes-id", type=int, default=defaults.min_valid_genes_id)
+    parser.add_argument("--min-nnz-genes", type=int, default=defaults.min_nnz_genes)
+    parser.add_argument("--min-dataset-size", type=int, default=defaults.min_dataset_size)
+    parser.add_argument("--maxdropamount", type=int, default=defaults.maxdropamount)
+    parser.add_argument(
+        "--is-symbol", action=argparse.BooleanOptionalAction, default=defaults.is_symbol
+    )
+    parser.add_argument(
+        "--skip-validate", action=argparse.BooleanOptionalAction, default=defaults.skip_validate
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    dataset = check_dataset_id(args.dataset)
+    params = Params(
+        min_valid_genes_id=args.min_valid_genes_id,
+        min_nnz_genes=args.min_nnz_genes,
+        min_dataset_size=args.min_dataset_size,
+        maxdropamount=args.maxdropamount,
+        is_symbol=args.is_symbol,
+        skip_validate=args.skip_validate,
+    )
+    processed, report = preprocess(dataset, Path(args.input), params)
+    report["output"] = str(args.out)
+    with atomic_path(args.out) as tmp:
+        processed.write_h5ad(tmp)
+    write_json(args.report, report)
+    log.info(
+        "%s: %d -> %d cells, %d -> %d genes in %.1fs",
+        dataset,
+        report["cells"]["before"],
+        report["cells"]["after"],
+        report["genes"]["before"],
+        report["genes"]["after"],
+        report["duration_s"],
+    )
