@@ -1,0 +1,174 @@
+"""`scprint collection`: register processed datasets as one laminDB Collection.
+
+Each processed h5ad becomes an Artifact with key ``scprint/processed/<dataset>.h5ad``
+(copied into the instance's storage). laminDB finds artifacts by content hash, so a file
+registered before is reused, never duplicated. The Collection (``--key``) is created only
+once every artifact is registered, in one transaction:
+
+- same datasets as the latest version of the key: nothing changes, same uid;
+- a different set: a new version of the Collection (the DataModule reads the latest);
+- a failure while registering: the artifacts this run created are deleted again and no
+  collection is written; after a hard kill the already-registered artifacts stay and
+  the rerun reuses them by hash, so it ends exactly where an uninterrupted run would.
+
+Datasets are ordered by name, so the same set always gives the same collection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from pathlib import Path
+
+from scprint.io import StageError, check_dataset_id, write_json
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_KEY = "scprint/processed/{dataset}.h5ad"
+# fault injection for the tests: "kill-after:N" (SIGKILL) or "fail-after:N" (exception)
+# once N artifacts are registered
+FAULT_ENV = "SCPRINT_FAULT_COLLECTION"
+
+
+def describe_processed(path: Path) -> dict:
+    """Name, cells and organisms of one processed file; refuses anything else."""
+    import anndata
+
+    dataset = check_dataset_id(path.name.removesuffix(".h5ad"))
+    if not path.exists():
+        raise StageError(
+            f"dataset {dataset}: processed file {path} does not exist. Fix: run `scprint "
+            "preprocess` for it first"
+        )
+    try:
+        adata = anndata.read_h5ad(path, backed="r")
+    except Exception as err:
+        raise StageError(
+            f"dataset {dataset}: cannot read {path} as h5ad ({type(err).__name__}: {err}). "
+            "Fix: delete it and rerun `scprint preprocess` for it"
+        ) from err
+    try:
+        if "unseen_genes" not in adata.uns or "organism_ontology_term_id" not in adata.obs:
+            raise StageError(
+                f"dataset {dataset}: {path} is not an output of `scprint preprocess` (no "
+                "uns['unseen_genes'] / obs organism column). Fix: preprocess the raw file and "
+                "pass the file from data/processed/"
+            )
+        organisms = sorted(adata.obs["organism_ontology_term_id"].astype(str).unique())
+        return {
+            "dataset": dataset,
+            "path": str(path),
+            "n_cells": int(adata.n_obs),
+            "organisms": organisms,
+        }
+    finally:
+        adata.file.close()
+
+
+def _fault_point(n_registered: int) -> None:
+    fault = os.environ.get(FAULT_ENV, "")
+    if not fault:
+        return
+    kind, _, count = fault.partition(":")
+    if int(count) == n_registered:
+        if kind == "kill-after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "fail-after":
+            raise RuntimeError(f"injected fault after {n_registered} artifacts ({FAULT_ENV})")
+
+
+def register(datasets: list[dict], key: str) -> dict:
+    """Artifacts, then the Collection; returns the collection summary."""
+    from django.db import transaction
+
+    from scprint.data.lamin import connect
+
+    ln = connect()
+    created = []
+    artifacts = []
+    current = None
+    try:
+        for info in datasets:
+            current = info["dataset"]
+            artifact = ln.Artifact(
+                info["path"],
+                key=ARTIFACT_KEY.format(dataset=current),
+                description=f"scprint processed dataset {current}",
+            )
+            is_new = artifact._state.adding
+            artifact.save()
+            if is_new:
+                created.append(artifact)
+            artifacts.append(artifact)
+            log.info("%s: artifact %s%s", current, artifact.uid, "" if is_new else " (existing)")
+            _fault_point(len(artifacts))
+        current = None
+        with transaction.atomic():
+            latest = ln.Collection.filter(key=key, is_latest=True).order_by("-created_at").first()
+            if latest is not None and [a.id for a in latest.ordered_artifacts] == [
+                a.id for a in artifacts
+            ]:
+                collection, changed = latest, False
+            else:
+                collection = ln.Collection(
+                    artifacts,
+                    key=key,
+                    description=f"scprint pre-training collection ({len(artifacts)} datasets)",
+                    revises=latest,
+                    skip_hash_lookup=True,  # a set seen in an older version becomes the latest
+                ).save()
+                changed = True
+    except Exception as err:
+        for artifact in created:  # leave the registry as this run found it
+            artifact.delete(permanent=True, storage=True)
+        where = f" while registering dataset {current}" if current else ""
+        raise StageError(
+            f"collection {key!r}: registration failed{where} ({type(err).__name__}: {err}). "
+            f"Nothing was registered ({len(created)} new artifacts removed again). Fix the cause "
+            "and rerun; already registered datasets are reused"
+        ) from err
+    log.info(
+        "collection %s: %s (uid %s, version %s)",
+        key,
+        "new version" if changed else "unchanged",
+        collection.uid,
+        collection.version_tag,
+    )
+    return {
+        "key": key,
+        "uid": collection.uid,
+        "version": collection.version_tag,
+        "n_cells": sum(d["n_cells"] for d in datasets),
+        "n_datasets": len(datasets),
+        "datasets": [
+            {**d, "artifact_uid": a.uid, "artifact_key": a.key}
+            for d, a in zip(datasets, artifacts, strict=True)
+        ],
+        "organisms": sorted({o for d in datasets for o in d["organisms"]}),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--processed", nargs="+", required=True, help="data/processed/<dataset>.h5ad files"
+    )
+    parser.add_argument("--key", default="scprint-pretrain", help="the Collection's key")
+    parser.add_argument("--out", required=True, help="results/collection.json")
+
+
+def run(args: argparse.Namespace) -> None:
+    datasets = sorted(
+        (describe_processed(Path(p)) for p in dict.fromkeys(args.processed)),
+        key=lambda d: d["dataset"],
+    )
+    names = [d["dataset"] for d in datasets]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise StageError(
+            f"collection {args.key!r}: dataset names occur twice ({', '.join(duplicated)}); "
+            "the dataset name is the file name. Fix: pass each dataset once"
+        )
+    summary = register(datasets, args.key)
+    write_json(args.out, summary)
