@@ -7,6 +7,8 @@ once every artifact is registered, in one transaction:
 
 - same datasets as the latest version of the key: nothing changes, same uid;
 - a different set: a new version of the Collection (the DataModule reads the latest);
+  a set an older version holds makes that version the latest again (laminDB allows one
+  version per key and set);
 - a failure while registering: the artifacts this run created are deleted again and no
   collection is written; after a hard kill the already-registered artifacts stay and
   the rerun reuses them by hash, so it ends exactly where an uninterrupted run would.
@@ -79,6 +81,36 @@ def _fault_point(n_registered: int) -> None:
             raise RuntimeError(f"injected fault after {n_registered} artifacts ({FAULT_ENV})")
 
 
+def _collection_for(ln, artifacts: list, key: str) -> tuple[object, str]:
+    """The latest version of ``key`` holding exactly ``artifacts``, in order.
+
+    laminDB allows one version per (key, set of artifacts): a set that an older version
+    already holds makes that version the latest again instead of a new one.
+    """
+    wanted = [a.id for a in artifacts]
+    versions = ln.Collection.objects.filter(key=key, branch_id=1).order_by("-created_at")
+    latest = next((c for c in versions if c.is_latest), None)
+    same = next((c for c in versions if [a.id for a in c.ordered_artifacts] == wanted), None)
+    if same is not None and same.is_latest:
+        return same, "unchanged"
+    if same is not None:
+        for version in versions:
+            if version.is_latest:
+                version.is_latest = False
+                version.save()
+        same.is_latest = True
+        same.save()
+        return same, "earlier version made latest again"
+    collection = ln.Collection(
+        artifacts,
+        key=key,
+        description=f"scprint pre-training collection ({len(artifacts)} datasets)",
+        revises=latest,
+        skip_hash_lookup=True,  # look-up by hash ignores the key: never take another key's
+    ).save()
+    return collection, "new version"
+
+
 def register(datasets: list[dict], key: str) -> dict:
     """Artifacts, then the Collection; returns the collection summary."""
     from django.db import transaction
@@ -106,20 +138,7 @@ def register(datasets: list[dict], key: str) -> dict:
             _fault_point(len(artifacts))
         current = None
         with transaction.atomic():
-            latest = ln.Collection.filter(key=key, is_latest=True).order_by("-created_at").first()
-            if latest is not None and [a.id for a in latest.ordered_artifacts] == [
-                a.id for a in artifacts
-            ]:
-                collection, changed = latest, False
-            else:
-                collection = ln.Collection(
-                    artifacts,
-                    key=key,
-                    description=f"scprint pre-training collection ({len(artifacts)} datasets)",
-                    revises=latest,
-                    skip_hash_lookup=True,  # a set seen in an older version becomes the latest
-                ).save()
-                changed = True
+            collection, changed = _collection_for(ln, artifacts, key)
     except Exception as err:
         for artifact in created:  # leave the registry as this run found it
             artifact.delete(permanent=True, storage=True)
@@ -132,7 +151,7 @@ def register(datasets: list[dict], key: str) -> dict:
     log.info(
         "collection %s: %s (uid %s, version %s)",
         key,
-        "new version" if changed else "unchanged",
+        changed,
         collection.uid,
         collection.version_tag,
     )

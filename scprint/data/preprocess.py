@@ -212,6 +212,14 @@ def check_against_registries(adata, var_names, params: Params) -> tuple[list[str
 
     from scprint.data.ontologies import REGISTRY_FOR_COLUMN
 
+    empty = [
+        r for r in sorted(set(REGISTRY_FOR_COLUMN.values())) if not getattr(bt, r).objects.exists()
+    ]
+    if empty:
+        return [
+            f"the laminDB registries {', '.join(empty)} are empty: the ontologies were not "
+            "populated. Fix: run `scprint ontologies` (the workflow's ontologies rule) first"
+        ], {}
     problems = []
     organisms = adata.obs["organism_ontology_term_id"].astype(str).unique().tolist()
     if len(organisms) != 1:
