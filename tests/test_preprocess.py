@@ -246,3 +246,14 @@ def test_bad_input_is_refused(workdir, case):
     assert "Traceback" not in proc.stderr
     assert not (workdir / "data" / "processed" / f"{dataset}.h5ad").exists()
     assert not (workdir / "results" / "preprocess" / f"{dataset}.json").exists()
+
+
+def test_refused_before_the_ontologies_are_populated(tmp_path):
+    run_cli(["lamin-init", "--storage", "lamin/storage", "--out", "lamin.json"], cwd=tmp_path)
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    make_dataset().write_h5ad(tmp_path / "data" / "raw" / "early.h5ad")
+    proc = preprocess(tmp_path, "early", *SMALL_PANEL, check=False)
+    assert proc.returncode == 1
+    assert "dataset early" in proc.stderr and "run `scprint ontologies`" in proc.stderr
+    assert "registries CellType" in proc.stderr
+    assert not (tmp_path / "data" / "processed" / "early.h5ad").exists()
