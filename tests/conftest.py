@@ -16,7 +16,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 NETGUARD_DIR = REPO / "tests" / "netguard"
-NETGUARD_LOG = Path(os.environ.setdefault("SCPRINT_NETGUARD", f"/tmp/scprint-netguard-{os.getpid()}.log"))
+NETGUARD_LOG = Path(
+    os.environ.setdefault("SCPRINT_NETGUARD", f"/tmp/scprint-netguard-{os.getpid()}.log")
+)
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(REPO), str(NETGUARD_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]
 )

@@ -1,104 +1,193 @@
-"""`scprint collection`: every processed dataset as a laminDB artifact, then one Collection.
+"""`scprint collection`: register processed datasets as one laminDB Collection.
 
-Idempotent: an artifact whose file hash is already registered is reused (laminDB looks it
-up by hash), and the Collection gets a new version only when its set of artifacts
-changed; rerunning with the same files changes nothing. The Collection is saved last, in
-one step, after every artifact is in place: a run killed before that leaves at most
-artifacts that the rerun reuses, never a collection missing some of its datasets.
+Each processed h5ad becomes an Artifact with key ``scprint/processed/<dataset>.h5ad``
+(copied into the instance's storage). laminDB finds artifacts by content hash, so a file
+registered before is reused, never duplicated. The Collection (``--key``) is created only
+once every artifact is registered, in one transaction:
+
+- same datasets as the latest version of the key: nothing changes, same uid;
+- a different set: a new version of the Collection (the DataModule reads the latest);
+  a set an older version holds makes that version the latest again (laminDB allows one
+  version per key and set);
+- a failure while registering: the artifacts this run created are deleted again and no
+  collection is written; after a hard kill the already-registered artifacts stay and
+  the rerun reuses them by hash, so it ends exactly where an uninterrupted run would.
+
+Datasets are ordered by name, so the same set always gives the same collection.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 from pathlib import Path
 
-from scprint.io import StageError, write_json
+from scprint.io import StageError, check_dataset_id, write_json
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_KEY = "scprint/processed/{dataset}.h5ad"
+# fault injection for the tests: "kill-after:N" (SIGKILL) or "fail-after:N" (exception)
+# once N artifacts are registered
+FAULT_ENV = "SCPRINT_FAULT_COLLECTION"
 
 
-def dataset_summary(path: Path) -> dict:
-    """Cells and organisms of a processed file, read from obs only."""
+def describe_processed(path: Path) -> dict:
+    """Name, cells and organisms of one processed file; refuses anything else."""
     import anndata
 
+    dataset = check_dataset_id(path.name.removesuffix(".h5ad"))
+    if not path.exists():
+        raise StageError(
+            f"dataset {dataset}: processed file {path} does not exist. Fix: run `scprint "
+            "preprocess` for it first"
+        )
     try:
         adata = anndata.read_h5ad(path, backed="r")
     except Exception as err:
         raise StageError(
-            f"dataset {path.stem}: cannot read processed file {path} ({err}). Fix: delete it "
-            "and rerun the preprocess rule for this dataset"
+            f"dataset {dataset}: cannot read {path} as h5ad ({type(err).__name__}: {err}). "
+            "Fix: delete it and rerun `scprint preprocess` for it"
         ) from err
     try:
+        if "unseen_genes" not in adata.uns or "organism_ontology_term_id" not in adata.obs:
+            raise StageError(
+                f"dataset {dataset}: {path} is not an output of `scprint preprocess` (no "
+                "uns['unseen_genes'] / obs organism column). Fix: preprocess the raw file and "
+                "pass the file from data/processed/"
+            )
         organisms = sorted(adata.obs["organism_ontology_term_id"].astype(str).unique())
-    except KeyError as err:
-        raise StageError(
-            f"dataset {path.stem}: {path} has no obs column organism_ontology_term_id, so it "
-            "was not written by `scprint preprocess`. Fix: rerun the preprocess rule"
-        ) from err
+        return {
+            "dataset": dataset,
+            "path": str(path),
+            "n_cells": int(adata.n_obs),
+            "organisms": organisms,
+        }
     finally:
         adata.file.close()
-    return {"dataset": path.stem, "n_cells": int(adata.n_obs), "organisms": organisms}
 
 
-def register_artifact(ln, path: Path):
-    """The artifact for this file: the registered one with the same hash, or a new one."""
-    artifact = ln.Artifact(
-        path, key=ARTIFACT_KEY.format(dataset=path.stem), description=f"scPRINT {path.stem}"
-    )
-    if artifact._state.adding:
-        artifact.save()
-        log.info("registered %s as %s", path, artifact.uid)
-    else:
-        log.info("%s is already registered as %s", path, artifact.uid)
-    return artifact
+def _fault_point(n_registered: int) -> None:
+    fault = os.environ.get(FAULT_ENV, "")
+    if not fault:
+        return
+    kind, _, count = fault.partition(":")
+    if int(count) == n_registered:
+        if kind == "kill-after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "fail-after":
+            raise RuntimeError(f"injected fault after {n_registered} artifacts ({FAULT_ENV})")
 
 
-def build_collection(processed: list[Path], key: str) -> dict:
+def _collection_for(ln, artifacts: list, key: str) -> tuple[object, str]:
+    """The latest version of ``key`` holding exactly ``artifacts``, in order.
+
+    laminDB allows one version per (key, set of artifacts): a set that an older version
+    already holds makes that version the latest again instead of a new one.
+    """
+    wanted = [a.id for a in artifacts]
+    versions = ln.Collection.objects.filter(key=key, branch_id=1).order_by("-created_at")
+    latest = next((c for c in versions if c.is_latest), None)
+    same = next((c for c in versions if [a.id for a in c.ordered_artifacts] == wanted), None)
+    if same is not None and same.is_latest:
+        return same, "unchanged"
+    if same is not None:
+        for version in versions:
+            if version.is_latest:
+                version.is_latest = False
+                version.save()
+        same.is_latest = True
+        same.save()
+        return same, "earlier version made latest again"
+    collection = ln.Collection(
+        artifacts,
+        key=key,
+        description=f"scprint pre-training collection ({len(artifacts)} datasets)",
+        revises=latest,
+        skip_hash_lookup=True,  # look-up by hash ignores the key: never take another key's
+    ).save()
+    return collection, "new version"
+
+
+def register(datasets: list[dict], key: str) -> dict:
+    """Artifacts, then the Collection; returns the collection summary."""
+    from django.db import transaction
+
     from scprint.data.lamin import connect
 
-    if not processed:
-        raise StageError(
-            f"collection {key!r}: no processed datasets were given. Fix: check the listing "
-            "(results/datasets.tsv) and the preprocess logs"
-        )
-    summaries = [dataset_summary(path) for path in processed]  # fail before any write
     ln = connect()
-    artifacts = [register_artifact(ln, path) for path in processed]
-    wanted = sorted(a.uid for a in artifacts)
-    latest = ln.Collection.filter(key=key, is_latest=True).first()
-    if latest is not None and sorted(a.uid for a in latest.artifacts.all()) == wanted:
-        collection = latest
-        log.info("collection %s is up to date (%s)", key, collection.uid)
-    else:
-        collection = ln.Collection(
-            artifacts,
-            key=key,
-            revises=latest,
-            description=f"scPRINT pre-training collection ({len(artifacts)} datasets)",
-        ).save()
-        log.info("saved collection %s version %s (%s)", key, collection.version, collection.uid)
+    created = []
+    artifacts = []
+    current = None
+    try:
+        for info in datasets:
+            current = info["dataset"]
+            artifact = ln.Artifact(
+                info["path"],
+                key=ARTIFACT_KEY.format(dataset=current),
+                description=f"scprint processed dataset {current}",
+            )
+            is_new = artifact._state.adding
+            artifact.save()
+            if is_new:
+                created.append(artifact)
+            artifacts.append(artifact)
+            log.info("%s: artifact %s%s", current, artifact.uid, "" if is_new else " (existing)")
+            _fault_point(len(artifacts))
+        current = None
+        with transaction.atomic():
+            collection, changed = _collection_for(ln, artifacts, key)
+    except Exception as err:
+        for artifact in created:  # leave the registry as this run found it
+            artifact.delete(permanent=True, storage=True)
+        where = f" while registering dataset {current}" if current else ""
+        raise StageError(
+            f"collection {key!r}: registration failed{where} ({type(err).__name__}: {err}). "
+            f"Nothing was registered ({len(created)} new artifacts removed again). Fix the cause "
+            "and rerun; already registered datasets are reused"
+        ) from err
+    log.info(
+        "collection %s: %s (uid %s, version %s)",
+        key,
+        changed,
+        collection.uid,
+        collection.version_tag,
+    )
     return {
         "key": key,
         "uid": collection.uid,
-        "version": collection.version,
-        "n_datasets": len(artifacts),
-        "n_cells": sum(s["n_cells"] for s in summaries),
-        "organisms": sorted({o for s in summaries for o in s["organisms"]}),
+        "version": collection.version_tag,
+        "n_cells": sum(d["n_cells"] for d in datasets),
+        "n_datasets": len(datasets),
         "datasets": [
-            {**s, "artifact_uid": a.uid} for s, a in zip(summaries, artifacts, strict=True)
+            {**d, "artifact_uid": a.uid, "artifact_key": a.key}
+            for d, a in zip(datasets, artifacts, strict=True)
         ],
+        "organisms": sorted({o for d in datasets for o in d["organisms"]}),
     }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--processed", nargs="+", required=True, help="processed h5ad files")
-    parser.add_argument("--key", required=True, help="laminDB Collection key")
+    parser.add_argument(
+        "--processed", nargs="+", required=True, help="data/processed/<dataset>.h5ad files"
+    )
+    parser.add_argument("--key", default="scprint-pretrain", help="the Collection's key")
     parser.add_argument("--out", required=True, help="results/collection.json")
 
 
 def run(args: argparse.Namespace) -> None:
-    paths = sorted({Path(p) for p in args.processed}, key=lambda p: p.stem)
-    write_json(args.out, build_collection(paths, args.key))
+    datasets = sorted(
+        (describe_processed(Path(p)) for p in dict.fromkeys(args.processed)),
+        key=lambda d: d["dataset"],
+    )
+    names = [d["dataset"] for d in datasets]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise StageError(
+            f"collection {args.key!r}: dataset names occur twice ({', '.join(duplicated)}); "
+            "the dataset name is the file name. Fix: pass each dataset once"
+        )
+    summary = register(datasets, args.key)
+    write_json(args.out, summary)

