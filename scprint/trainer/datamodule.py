@@ -195,7 +195,15 @@ class ScprintDataModule(L.LightningDataModule):
 
 def _weighted_sampler():
     """scdataloader's LabelWeightedSampler with a base class whose __init__ takes its
-    ``None`` argument (torch 2.13's Sampler has no __init__ of its own)."""
+    ``None`` argument (torch 2.13's Sampler has no __init__ of its own).
+
+    Built on first use (importing scdataloader imports lamindb, which must wait until the
+    instance is connected) and published as a module attribute, so the sampler pickles by
+    name into the worker processes it uses to build its index (sampler_workers > 1).
+    """
+    cls = globals().get("FixedLabelWeightedSampler")
+    if cls is not None:
+        return cls
     from scdataloader.datamodule import LabelWeightedSampler
     from torch.utils.data import Sampler
 
@@ -203,7 +211,16 @@ def _weighted_sampler():
         def __init__(self, data_source=None):
             pass
 
-    class FixedLabelWeightedSampler(LabelWeightedSampler, _TakesDataSource):
-        pass
+    cls = type("FixedLabelWeightedSampler", (LabelWeightedSampler, _TakesDataSource), {})
+    cls.__module__ = __name__
+    _TakesDataSource.__module__, _TakesDataSource.__qualname__ = __name__, "_TakesDataSource"
+    globals().update(FixedLabelWeightedSampler=cls, _TakesDataSource=_TakesDataSource)
+    return cls
 
-    return FixedLabelWeightedSampler
+
+def __getattr__(name: str):
+    """Unpickling in a worker looks the sampler class up here (see _weighted_sampler)."""
+    if name in ("FixedLabelWeightedSampler", "_TakesDataSource"):
+        _weighted_sampler()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

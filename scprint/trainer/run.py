@@ -51,16 +51,25 @@ def fit_argv(args: argparse.Namespace, collection: dict) -> list[str]:
         "--data.collection_name", collection["key"],
         "--data.gene_embeddings", args.gene_embeddings,
         "--checkpoint.dirpath", str(state_dir(args)),
+        # Lightning's SLURM requeue saves hpc_ckpt_N.ckpt in default_root_dir: keep it here
+        "--trainer.default_root_dir", str(state_dir(args)),
         "--scprint_training.name", args.run,
     ]  # fmt: skip
     if args.gene_positions:
         argv += ["--data.gene_positions", args.gene_positions]
     if collection.get("organisms"):
         argv += ["--data.organisms", json.dumps(list(collection["organisms"]))]
-    resume = state_dir(args) / "last.ckpt"
-    if resume.exists():
+    resume = resume_checkpoint(state_dir(args))
+    if resume is not None:
         argv += ["--ckpt_path", str(resume)]
     return argv + list(args.fit_args)
+
+
+def resume_checkpoint(state: Path) -> Path | None:
+    """The newest of last.ckpt (ModelCheckpoint) and hpc_ckpt_N.ckpt (saved on SIGUSR1
+    before a Slurm requeue): resuming from an older one would redo finished steps."""
+    candidates = [p for p in [state / "last.ckpt", *state.glob("hpc_ckpt_*.ckpt")] if p.exists()]
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
 def state_dir(args: argparse.Namespace) -> Path:
@@ -97,7 +106,9 @@ def run(args: argparse.Namespace) -> None:
                 "epochs": int(trainer.current_epoch),
                 "final_losses": metrics,
                 "checkpoint": str(last),
-                "resumed_from": str(resume) if "--ckpt_path" in argv else None,
+                "resumed_from": argv[argv.index("--ckpt_path") + 1]
+                if "--ckpt_path" in argv
+                else None,
                 "collection": {
                     k: collection.get(k) for k in ("key", "uid", "n_cells", "n_datasets")
                 },

@@ -12,11 +12,19 @@ rule train:
     conda:
         "../../envs/train.yaml"
     threads: 4
+    resources:
+        # profiles/slurm sets `launcher` (profiles/slurm/srun-launch: one task per GPU, as
+        # Lightning's SLURMEnvironment expects) and mpi="" keeps the Slurm plugin from
+        # wrapping the command in a step of its own, so SIGUSR1 before the time limit
+        # reaches only the training processes. Both empty elsewhere.
+        mpi="",
+        launcher="",
     params:
         run=RUN,
         args=train_args(),
     shell:
-        "python -m scprint train-run --run {params.run} --collection {input.collection}"
+        "{resources.launcher} python -m scprint train-run --run {params.run}"
+        " --collection {input.collection}"
         " --gene-embeddings {input.embeddings} --gene-positions {input.positions}"
         " --checkpoint-dir checkpoints/{params.run} --summary {output.summary}"
         " {params.args} > {log} 2>&1"
