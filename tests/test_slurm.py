@@ -188,7 +188,12 @@ def expected_resources(profile_text: str) -> dict[str, dict]:
     """rule -> the resources the profile asks for (set-resources over default-resources)."""
     profile = yaml.safe_load(profile_text)
     default = profile["default-resources"]
-    rules = set(profile["set-resources"]) | {"lamin_instance", "demo_data", "gene_positions"}
+    rules = set(profile["set-resources"]) | {
+        "lamin_instance",
+        "demo_data",
+        "gene_positions",
+        "tiny_esm",
+    }
     return {rule: {**default, **profile["set-resources"].get(rule, {})} for rule in rules}
 
 
