@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import cli_env, run_cli
-from test_preprocess import HUMAN, SMALL_PANEL, make_dataset
+from test_preprocess import HUMAN, SMALL_PANEL, make_dataset, preprocess
 
 KEY = "scprint-pretrain"
 DATASETS = ["ds-a", "ds-b"]
@@ -57,21 +57,7 @@ def workdir(tmp_path_factory):
         make_dataset(seed=seed, layout="raw" if seed else "X").write_h5ad(
             workdir / "data" / "raw" / f"{dataset}.h5ad"
         )
-        run_cli(
-            [
-                "preprocess",
-                "--dataset",
-                dataset,
-                "--input",
-                f"data/raw/{dataset}.h5ad",
-                "--out",
-                f"data/processed/{dataset}.h5ad",
-                "--report",
-                f"results/preprocess/{dataset}.json",
-                *SMALL_PANEL,
-            ],
-            cwd=workdir,
-        )
+        preprocess(workdir, dataset, *SMALL_PANEL)
     return workdir
 
 

@@ -308,10 +308,7 @@ def run(args: argparse.Namespace) -> None:
 
     started = time.perf_counter()
     organisms = list(dict.fromkeys(args.organism))
-    fasta = parse_organism_pairs(args.fasta, "--fasta")
-    unused = set(fasta) - set(organisms)
-    if unused:
-        raise StageError(f"--fasta given for {sorted(unused)} but not in --organism")
+    fasta = parse_organism_pairs(args.fasta, "--fasta", organisms)
     if args.max_tokens_per_batch < 1:
         raise StageError("--max-tokens-per-batch must be positive")
 

@@ -90,12 +90,16 @@ def gene_table(organism: str):
     return table[["ensembl_gene_id", "symbol", "biotype"]]
 
 
-def parse_organism_pairs(pairs: list[str], option: str) -> dict[str, str]:
-    """``["NCBITaxon:9606=x.fa"]`` -> ``{"NCBITaxon:9606": "x.fa"}`` for ORG=VALUE options."""
+def parse_organism_pairs(pairs: list[str], option: str, organisms: list[str]) -> dict[str, str]:
+    """``["NCBITaxon:9606=x.fa"]`` -> ``{"NCBITaxon:9606": "x.fa"}`` for ORG=VALUE options,
+    each organism among ``organisms`` (the --organism list)."""
     parsed = {}
     for pair in pairs:
         organism, sep, value = pair.partition("=")
         if not sep or not organism or not value:
             raise StageError(f"{option} expects ORGANISM=VALUE, got {pair!r}")
         parsed[organism] = value
+    unused = set(parsed) - set(organisms)
+    if unused:
+        raise StageError(f"{option} given for {sorted(unused)} but not in --organism")
     return parsed

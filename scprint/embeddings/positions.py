@@ -138,10 +138,7 @@ def gene_positions(organisms, tolerance, coordinates=None):
 def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     organisms = list(dict.fromkeys(args.organism))
-    coordinates = parse_organism_pairs(args.coordinates, "--coordinates")
-    unused = set(coordinates) - set(organisms)
-    if unused:
-        raise StageError(f"--coordinates given for {sorted(unused)} but not in --organism")
+    coordinates = parse_organism_pairs(args.coordinates, "--coordinates", organisms)
     table = gene_positions(organisms, args.tolerance, coordinates)
     with atomic_path(args.out) as tmp:
         table.to_parquet(tmp)
