@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test lint clean-demo
+.PHONY: install demo test lint clean-demo bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,7 @@ lint: $(VENV)/.installed
 
 clean-demo:
 	rm -rf results data logs checkpoints resources lamin wandb .snakemake
+
+# `make bench`: every benchmark section, each figure next to its baselines (bench/README.md)
+bench: $(VENV)/.installed
+	python -m bench
