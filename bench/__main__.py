@@ -18,6 +18,7 @@ SECTIONS = {
     "model": "model step on CPU: ms and peak memory per batch",
     "dag": "snakemake dry run with many datasets: time and memory",
     "preprocess": "preprocess stage vs scdataloader's Preprocessor: cells/s",
+    "embeddings": "ESM gene embeddings: proteins/s vs a notebook loop (650M shape on GPU)",
     "gpu": "model step on a GPU: tokens/s, MFU, memory (skipped without CUDA)",
 }
 
