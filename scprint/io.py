@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,13 +29,49 @@ def check_dataset_id(dataset_id: str) -> str:
     return dataset_id
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_stale_temps(path: Path, suffix: str) -> list[Path]:
+    """Delete temporaries of ``path`` left by killed writers (SIGKILL, OOM, node failure).
+
+    A temporary is named ``.<name>.<host>.<pid>.<random>.tmp<suffix>``; one whose process is
+    gone from this host is stale. One from another host is left alone (its writer may
+    still run there; it is a hidden file no stage reads).
+    """
+    host, removed = socket.gethostname().replace(".", "_"), []
+    for tmp in path.parent.glob(f"{_temp_prefix(path)}*.tmp{suffix}"):
+        fields = tmp.name[len(_temp_prefix(path)) :].split(".")
+        if len(fields) < 4 or fields[0] != host or not fields[1].isdigit():
+            continue
+        try:
+            os.kill(int(fields[1]), 0)
+            continue  # alive (or pid reused): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    Temporaries that killed runs left for the same ``path`` are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix if suffix is None else suffix
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+    remove_stale_temps(path, suffix)
+    host = socket.gethostname().replace(".", "_")
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent,
+        prefix=f"{_temp_prefix(path)}{host}.{os.getpid()}.",
+        suffix=f".tmp{suffix}",
+    )
     os.close(fd)
     tmp = Path(tmp)
     umask = os.umask(0)

@@ -277,3 +277,88 @@ def test_refused_before_the_ontologies_are_populated(tmp_path):
     assert "dataset early" in proc.stderr and "run `scprint ontologies`" in proc.stderr
     assert "registries CellType" in proc.stderr
     assert not (tmp_path / "data" / "processed" / "early.h5ad").exists()
+
+
+# --- kill at a random moment, rerun: the same outputs as an uninterrupted run
+
+
+def test_killed_preprocess_then_rerun_equals_an_uninterrupted_run(workdir):
+    """SIGKILL `scprint preprocess` at seeded random moments of its run, timed from an
+    uninterrupted run: once while it computes, once while it writes the h5ad (a temporary
+    file on disk), each run starting from what the killed one left; then rerun. The outputs
+    equal the uninterrupted run's (h5ad bytes, report minus duration) and no temporary file
+    is left beside them."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import cli_env
+
+    from scprint.data import demo
+
+    demo.write_demo(workdir / "demo", n_genes=1200, seed=0)
+    dataset = "demo-human-lung"  # the CELLxGENE layout: normalized X, counts in raw.X
+    source = workdir / "demo" / "datasets" / f"{dataset}.h5ad"
+    (workdir / "data" / "raw" / f"{dataset}.h5ad").write_bytes(source.read_bytes())
+    out = workdir / "data" / "processed" / f"{dataset}.h5ad"
+    report = workdir / "results" / "preprocess" / f"{dataset}.json"
+    args = [
+        sys.executable, "-m", "scprint.cli", "preprocess", "--dataset", dataset,
+        "--input", f"data/raw/{dataset}.h5ad", "--out", str(out), "--report", str(report),
+        *SMALL_PANEL,
+    ]  # fmt: skip
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(
+            args, cwd=workdir, env=cli_env(workdir), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def temporaries() -> list[str]:
+        folders = [out.parent, report.parent]
+        return sorted(
+            p.name for f in folders if f.exists() for p in f.iterdir() if ".tmp" in p.name
+        )
+
+    def outputs() -> tuple[bytes, dict]:
+        state = json.loads(report.read_text())
+        state.pop("duration_s")
+        return out.read_bytes(), state
+
+    # the uninterrupted run, timed: when the h5ad's temporary appears, when it is renamed
+    proc, began, write_start = start(), time.perf_counter(), None
+    while proc.poll() is None:
+        if write_start is None and temporaries():
+            write_start = time.perf_counter() - began
+        if write_start is not None and out.exists():
+            write_end = time.perf_counter() - began
+            break
+        time.sleep(0.01)
+    assert proc.wait() == 0 and write_start is not None
+    reference = outputs()
+    out.unlink()
+    report.unlink()
+
+    rng = random.Random(5)
+    killed_while_writing = False
+    for phase in ("computing", "writing"):
+        proc = start()
+        began = time.perf_counter()
+        if phase == "computing":
+            time.sleep(write_start * rng.uniform(0.3, 0.9))
+        else:
+            while not temporaries() and proc.poll() is None:
+                time.sleep(0.005)
+            time.sleep((write_end - write_start) * rng.uniform(0.1, 0.6))
+            killed_while_writing = bool(temporaries()) and not out.exists()
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        assert not out.exists() or out.read_bytes() == reference[0]  # absent or complete
+        assert not report.exists() or outputs() == reference
+    assert killed_while_writing, "the kill missed the write: a temporary should be on disk"
+
+    subprocess.run(args, cwd=workdir, env=cli_env(workdir), check=True, capture_output=True)
+    assert outputs() == reference
+    assert temporaries() == []  # the killed write's temporary was cleaned up

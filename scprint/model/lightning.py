@@ -144,6 +144,14 @@ class ScPrintModule(L.LightningModule):
         }
 
     # ---- steps --------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Label codes are checked here, on the CPU, before the batch moves to the device."""
+        if isinstance(batch, dict) and "class" in batch and self.objectives.do_cls:
+            if getattr(self, "_label_sets_cpu", None) is None:  # buffers may be on the GPU
+                self._label_sets_cpu = {k: v.cpu() for k, v in self.label_sets.items()}
+            losses.check_label_codes(batch["class"].cpu(), self._label_sets_cpu)
+        return batch
+
     def _step(self, batch: dict, prefix: str) -> torch.Tensor:
         out = compute_losses(self.net, batch, self.objectives, self.label_sets)
         B = batch["x"].shape[0]

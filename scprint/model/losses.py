@@ -54,6 +54,40 @@ def label_sets(n_leaves: int, hierarchy: dict[int, list[int]] | None) -> torch.T
     return sets
 
 
+def check_label_codes(classes: torch.Tensor, label_sets: dict[str, torch.Tensor]) -> None:
+    """Raise a clear error for a label code the model has no leaves for.
+
+    classes (B, C) codes in the column order of ``label_sets`` (-1 unknown). scdataloader's
+    DataModule gives every code it emits a row (leaf, or a parent with its leaves), so such
+    a code means the batch was encoded by other data than the model's classes and
+    hierarchy were built from. Unchecked, it is an IndexError in hierarchical_bce (a
+    device-side assert on CUDA), or an infinite loss for a row with no leaves. Call it on
+    the batch while it is still on the CPU: on an accelerator it would cost a sync.
+    """
+    for column, (name, sets) in enumerate(label_sets.items()):
+        codes = classes[:, column].long()
+        codes = codes[codes >= 0]
+        if codes.numel() == 0:
+            continue
+        n_leaves = sets.shape[1]
+        bad = codes >= sets.shape[0]
+        if not bad.any():
+            bad = ~sets[codes].any(-1)  # a row that stands for no leaf
+        if bad.any():
+            known = torch.nonzero(sets.any(-1)).flatten().tolist()
+            parents = [c for c in known if c >= n_leaves]
+            raise ValueError(
+                f"class {name}: label code {int(codes[bad][0])} has no row in the model's "
+                f"labels hierarchy (the model knows leaf codes 0-{n_leaves - 1} and parent "
+                f"codes {parents}). The batch's labels were encoded by other data than the "
+                "model's classes and labels_hierarchy come from (a checkpoint trained on "
+                "another collection, or other data.clss_to_predict / hierarchical_clss / "
+                "ontologies). Fix: build the model from this data module (`scprint fit` links "
+                "data.classes and data.labels_hierarchy into the model), or use the collection "
+                "and data settings the checkpoint was trained with"
+            )
+
+
 def parent_scores(logits: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
     """Score of every label (leaves and parents): logsumexp of its leaves' logits. (B, K+P)."""
     masked = logits[:, None, :].masked_fill(~sets[None], float("-inf"))  # (B, K+P, K)

@@ -3,8 +3,8 @@
 Config sections (several ``--config`` files merge in order; ``--a.b value`` overrides):
 - top level: project (W&B project), seed_everything, ckpt_path (resume: step, optimizer
   and scheduler state), set_float32_matmul_precision (true = "high", or a torch value),
-  wandblog / log_freq / log_graph (``WandbLogger.watch`` of gradients/parameters; null
-  turns watching off);
+  wandblog / log_freq / log_graph (W&B histograms of gradients and/or parameters every
+  log_freq steps, the model graph; null / false turn them off: scprint.trainer.watch);
 - trainer: Lightning's Trainer; ``precision: 16-mixed`` falls back to 32-true (with a
   warning) where there is no GPU;
 - model: ScPrintModule (network shape); genes, classes, label hierarchy and gene
@@ -32,6 +32,7 @@ from scprint.io import StageError
 from scprint.model.lightning import ScPrintModule
 from scprint.trainer.datamodule import ScprintDataModule
 from scprint.trainer.trainer import TrainingMode
+from scprint.trainer.watch import WatchModel
 
 log = logging.getLogger(__name__)
 MATMUL_PRECISIONS = ("highest", "high", "medium")
@@ -102,19 +103,24 @@ class ScprintCLI(LightningCLI):
                 init.name = cfg.scprint_training.name
 
     def _watch(self) -> None:
+        """wandblog / log_freq / log_graph: the WatchModel callback (see scprint.trainer.watch
+        for why not WandbLogger.watch)."""
         cfg = self._cfg
-        if cfg.wandblog in (None, "", False):
+        log = None if cfg.wandblog in (None, "", False) else cfg.wandblog
+        if log is None and not cfg.log_graph:
             return
         wandb_loggers = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
         if not wandb_loggers:
             raise StageError(
-                f"wandblog={cfg.wandblog!r} watches the model with W&B, but trainer.logger has "
-                "no WandbLogger: add one or set wandblog: null"
+                f"wandblog={cfg.wandblog!r} / log_graph={cfg.log_graph} watch the model with W&B, "
+                "but trainer.logger has no WandbLogger: add one, or set wandblog: null and "
+                "log_graph: false"
             )
-        for logger in wandb_loggers:
-            logger.watch(
-                self.model, log=cfg.wandblog, log_freq=cfg.log_freq, log_graph=cfg.log_graph
-            )
+        try:
+            watch = WatchModel(wandb_loggers, log, cfg.log_freq, cfg.log_graph)
+        except ValueError as err:
+            raise StageError(str(err)) from err
+        self.trainer.callbacks.append(watch)
 
     def _record_config(self) -> None:
         """The merged config goes into every checkpoint (ScPrintModule.on_save_checkpoint)."""
