@@ -112,8 +112,21 @@ def test_counts_in_x(workdir):
     # the counts themselves went through untouched
     assert processed.X.sum() == pytest.approx(adata.X.sum())
     assert processed.uns["dataset_id"] == "counts_x"
-    assert "norm" in processed.layers
+    # scdataloader's post-processing (normalised copy + PCA) is off unless asked for
+    assert "norm" not in processed.layers and "X_pca" not in processed.obsm
+    assert report["params"]["do_postp"] is False
     assert not list((workdir / "data" / "processed").glob(".*tmp*"))
+
+
+def test_do_postp_adds_the_normalised_layer_and_pca(workdir):
+    make_dataset(seed=1).write_h5ad(workdir / "data" / "raw" / "postp.h5ad")
+    preprocess(workdir, "postp", *SMALL_PANEL, "--do-postp")
+    processed = ad.read_h5ad(workdir / "data" / "processed" / "postp.h5ad")
+    assert "norm" in processed.layers and "X_pca" in processed.obsm
+    norm = processed.layers["norm"][:5].toarray()
+    counts = processed.X[:5].toarray()
+    expected = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4)
+    assert np.allclose(norm, expected, atol=1e-4)
 
 
 def test_counts_in_raw_x_with_cellxgene_conventions(workdir):

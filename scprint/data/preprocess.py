@@ -55,6 +55,10 @@ class Params:
     maxdropamount: int = 50
     is_symbol: bool = False
     skip_validate: bool = False
+    # scdataloader's post-processing: a log-normalised copy of X in layers["norm"] and a PCA
+    # of it in obsm["X_pca"]. Training reads X only; it doubles the file and is most of the
+    # Preprocessor's time (bench/preprocess.py), so it is off unless asked for.
+    do_postp: bool = False
 
 
 def read_dataset(dataset: str, path: Path):
@@ -403,6 +407,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip-validate", action=argparse.BooleanOptionalAction, default=defaults.skip_validate
     )
+    parser.add_argument(
+        "--do-postp",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.do_postp,
+        help="also store layers['norm'] and obsm['X_pca'] (scdataloader's post-processing)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -414,6 +424,7 @@ def run(args: argparse.Namespace) -> None:
         maxdropamount=args.maxdropamount,
         is_symbol=args.is_symbol,
         skip_validate=args.skip_validate,
+        do_postp=args.do_postp,
     )
     processed, report = preprocess(dataset, Path(args.input), params)
     report["output"] = str(args.out)

@@ -118,6 +118,7 @@ def preprocess_args():
         f"--maxdropamount {p['maxdropamount']}",
         "--is-symbol" if p["is_symbol"] else "--no-is-symbol",
         "--skip-validate" if p["skip_validate"] else "--no-skip-validate",
+        "--do-postp" if p.get("do_postp", False) else "--no-do-postp",
     ]
     return " ".join(flags)
 
