@@ -63,9 +63,7 @@ class _Extents:
             offset = dsid.get_offset()
             if offset is None:
                 return None if n else cls._empty(dataset.dtype)
-            return cls(
-                np.array([0]), np.array([offset]), np.array([n]), np.dtype(dataset.dtype)
-            )
+            return cls(np.array([0]), np.array([offset]), np.array([n]), np.dtype(dataset.dtype))
         chunk = dataset.chunks[0]
         runs: list[list[int]] = []
         for i in range(dsid.get_num_chunks()):
@@ -75,7 +73,11 @@ class _Extents:
             if info.size != chunk * itemsize or info.filter_mask:
                 return None
             last = runs[-1] if runs else None
-            if last and last[0] + last[2] == first and last[1] + last[2] * itemsize == info.byte_offset:
+            if (
+                last
+                and last[0] + last[2] == first
+                and last[1] + last[2] * itemsize == info.byte_offset
+            ):
                 last[2] += count
             else:
                 runs.append([first, info.byte_offset, count])
@@ -96,7 +98,7 @@ class _Extents:
         """One typed array per run, viewing ``buffer`` (the file's memory map)."""
         return [
             np.frombuffer(buffer, self.dtype, int(n), int(off))
-            for n, off in zip(self.counts, self.offsets)
+            for n, off in zip(self.counts, self.offsets, strict=True)
         ]
 
     def read(self, views: list[np.ndarray], first: np.ndarray, stop: np.ndarray) -> list:
@@ -105,7 +107,9 @@ class _Extents:
         run = np.searchsorted(self.starts, first, side="right") - 1
         base = self.starts[run]
         out = []
-        for k, a, b in zip(run.tolist(), (first - base).tolist(), (stop - base).tolist()):
+        for k, a, b in zip(
+            run.tolist(), (first - base).tolist(), (stop - base).tolist(), strict=True
+        ):
             if b <= len(views[k]):
                 out.append(views[k][a:b])
             else:  # crosses into the next run(s)
@@ -174,8 +178,8 @@ class CellFile:
             data = self.data_extents.read(data_views, starts, stops)
             idx = self.indices_extents.read(index_views, starts, stops)
         else:
-            data = [handle["data"][a:b] for a, b in zip(starts, stops)]
-            idx = [handle["indices"][a:b] for a, b in zip(starts, stops)]
+            data = [handle["data"][a:b] for a, b in zip(starts, stops, strict=True)]
+            idx = [handle["indices"][a:b] for a, b in zip(starts, stops, strict=True)]
         return data, idx
 
 
@@ -293,7 +297,9 @@ class BatchDataset(torch.utils.data.Dataset):
             token_of = groups[0][0] if B else np.zeros(0, np.int32)
         else:  # map here; the kernel then maps through the identity
             cuts = np.cumsum([n for _, n in groups])[:-1]
-            index = np.concatenate([vt[i] for (vt, _), i in zip(groups, np.split(index, cuts))])
+            index = np.concatenate(
+                [vt[i] for (vt, _), i in zip(groups, np.split(index, cuts), strict=True)]
+            )
             token_of = np.arange(self.vocab_size, dtype=np.int32)
             index = np.where(index < 0, self.vocab_size, index)
             token_of = np.append(token_of, -1).astype(np.int32)
@@ -357,6 +363,7 @@ def _kernels():
 
         _KERNELS = _batch_kernels
     return _KERNELS
+
 
 def from_scdataloader(inner, genes: list[str], how: str, max_len: int) -> BatchDataset | None:
     """A BatchDataset over the cells of scdataloader's DataModule ``inner``, with its label
