@@ -83,7 +83,15 @@ class ScprintDataModule(L.LightningDataModule):
                 f"laminDB has no collection {collection_name!r} (it has: {keys or 'none'}): run "
                 "the collection rule (`scprint collection`) or set data.collection_name"
             )
+        import bionty as bt
         from scdataloader import DataModule
+
+        unknown = [o for o in organisms or [] if bt.Organism.filter(ontology_id=o).first() is None]
+        if unknown:
+            raise StageError(
+                f"data.organisms asks for {unknown}, which laminDB does not know (no genes, "
+                f"no cells of collection {collection_name!r}): fix data.organisms"
+            )
 
         clss_to_predict = list(clss_to_predict or [ORGANISM])
         if ORGANISM not in clss_to_predict:
