@@ -119,7 +119,10 @@ def measure_in_process(impl: str, workers: int, n_batches: int, warmup: int) -> 
     seconds = time.perf_counter() - start
     shape = list(batch["x"].shape)
     del it, loader  # joins the workers, so RUSAGE_CHILDREN holds their peak
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     return {
+        "rss_anon_mb": int(status.get("RssAnon", "0 kB").split()[0]) / 1024,
+        "rss_file_mb": int(status.get("RssFile", "0 kB").split()[0]) / 1024,
         "cells_per_s": cells / seconds,
         "cells": cells,
         "setup_s": setup_s,
@@ -178,9 +181,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(Row(f"loader, {workers} workers", label, r["cells_per_s"], "cells/s",
                             baseline=base, note=note))  # fmt: skip
             rss = r["peak_rss_mb"] + (r["worker_peak_rss_mb"] if workers else 0)
+            # memory-mapped file pages count in RSS: shared page cache, not our heap
+            note = f"main: {r['rss_anon_mb']:,.0f} anon + {r['rss_file_mb']:,.0f} file-backed"
+            note += " at the end; + largest worker" if workers else " at the end"
             rows.append(Row(f"loader peak RSS, {workers} workers", label, rss, "MB",
-                            baseline=base, higher_is_better=False,
-                            note="main + largest worker" if workers else ""))  # fmt: skip
+                            baseline=base, higher_is_better=False, note=note))  # fmt: skip
     for mode in ("random", "chunked"):
         r = run_annbatch(root, info, mode, batches["annbatch"])
         details[f"annbatch-{mode}"] = r

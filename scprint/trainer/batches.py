@@ -3,7 +3,11 @@
 scdataloader's path (lamindb MappedCollection + Collator) reads one cell at a time: it
 opens the HDF5 file, reads the cell's CSR slice through h5py, scatters it into a dense
 row of every gene, and the Collator then searches that dense row for expressed genes.
-That is ~1 ms a cell, almost all of it per-cell overhead (see bench/README.md, "loader").
+Profiled on the loader bench (bench/loader.py; base.yml's six classes): ~20 ms a cell
+on a loaded 2-core machine, of which ~54% reading the cell's six obs labels (each a
+1-element h5py read plus group and category look-ups), ~35% the X row (three h5py reads,
+a dense 20,000-gene scatter), ~4% opening the file again for every cell, ~4% the Collator:
+h5py's per-call overhead (15 dataset reads and 40 group look-ups a cell), not I/O.
 
 Here a batch of cell indices (from the same weighted sampler) is served in one call
 (``Dataset.__getitems__``): the cells are grouped by file and read in row order from a
