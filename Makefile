@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test lint clean-demo bench
+.PHONY: install demo test lint clean-demo bench bench-annbatch-venv
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,4 +31,16 @@ clean-demo:
 
 # `make bench`: every benchmark section, each figure next to its baselines (bench/README.md)
 bench: $(VENV)/.installed
+	-$(MAKE) bench-annbatch-venv
 	python -m bench
+
+# annbatch (a loader baseline of bench/loader.py) needs Python >= 3.12, anndata >= 0.12 and
+# zarr 3: its own venv, called as a subprocess. Without Python 3.12 the bench says so.
+PYTHON312 ?= $(shell command -v python3.12 || ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)
+.bench-venv-annbatch/.installed:
+	@test -n "$(PYTHON312)" || (echo "annbatch needs python3.12 (set PYTHON312=...)"; exit 1)
+	$(PYTHON312) -m venv .bench-venv-annbatch
+	.bench-venv-annbatch/bin/pip install -q annbatch==0.3.1
+	touch $@
+
+bench-annbatch-venv: .bench-venv-annbatch/.installed

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 import lightning as L
+import numpy as np
 import pandas as pd
 
 from scprint.io import StageError
@@ -82,7 +83,15 @@ class ScprintDataModule(L.LightningDataModule):
                 f"laminDB has no collection {collection_name!r} (it has: {keys or 'none'}): run "
                 "the collection rule (`scprint collection`) or set data.collection_name"
             )
+        import bionty as bt
         from scdataloader import DataModule
+
+        unknown = [o for o in organisms or [] if bt.Organism.filter(ontology_id=o).first() is None]
+        if unknown:
+            raise StageError(
+                f"data.organisms asks for {unknown}, which laminDB does not know (no genes, "
+                f"no cells of collection {collection_name!r}): fix data.organisms"
+            )
 
         clss_to_predict = list(clss_to_predict or [ORGANISM])
         if ORGANISM not in clss_to_predict:
@@ -126,6 +135,8 @@ class ScprintDataModule(L.LightningDataModule):
                     f"no gene of {gene_embeddings} is in the collection's gene table: the "
                     "embeddings were computed for other organisms or another gene id scheme"
                 )
+        self.how, self.max_len = how, max_len
+        self.batches = None  # scprint.trainer.batches.BatchDataset, built in setup()
         self.gene_pos = None
         if gene_positions is not None:
             positions = pd.read_parquet(gene_positions)
@@ -161,8 +172,90 @@ class ScprintDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.inner.idx_full is None:
             self.inner.setup(stage)
+        if self.batches is None:
+            from scprint.trainer.batches import from_scdataloader
+
+            self.batches = from_scdataloader(self.inner, self.genes, self.how, self.max_len)
+            if self.batches is None:
+                log.warning("collection files are not local: using scdataloader's reader")
 
     def train_dataloader(self):
+        """Batches of the weighted sampler (or the shuffled training split when
+        weight_scaler=0), read by :mod:`scprint.trainer.batches`."""
+        if self.batches is None:
+            return self.scdataloader_train_dataloader()
+        inner = self.inner
+        if inner.clss_to_weight and inner.weight_scaler > 0:
+            sampler = self._weighted_sampler()
+        else:  # scdataloader's order: its shuffled split, sharded over ranks
+            from scdataloader.datamodule import RankShardSampler
+
+            sampler = IndexSampler(RankShardSampler(len(inner.idx_full)), inner.idx_full)
+        return self._loader(sampler)
+
+    def val_dataloader(self):
+        if self.batches is None:
+            return self.inner.val_dataloader()
+        if self.inner.valid_idx is None:
+            return []
+        return self._loader(np.asarray(self.inner.valid_idx).tolist())
+
+    def test_dataloader(self):
+        if self.batches is None:
+            return self.inner.test_dataloader()
+        if self.inner.test_idx is None:
+            return []
+        return self._loader(np.asarray(self.inner.test_idx).tolist())
+
+    def predict_dataloader(self):
+        return self.inner.predict_dataloader()
+
+    def _loader(self, sampler):
+        from torch.utils.data import DataLoader
+
+        from scprint.trainer.batches import passthrough
+
+        return DataLoader(
+            self.batches,
+            sampler=sampler,
+            batch_size=self.inner.kwargs["batch_size"],
+            num_workers=self.inner.kwargs["num_workers"],
+            collate_fn=passthrough,
+        )
+
+    def _weighted_sampler(self):
+        """scdataloader's LabelWeightedSampler on the training cells.
+
+        Cells outside the training split, and of organisms left out by data.organisms, get
+        the sampler's "excluded" label (its last one, weight 0). scdataloader marks only
+        the former, and when nothing is held out its last real class gets weight 0: a
+        one-cell dummy of the excluded label (never drawn) keeps that class.
+        """
+        inner = self.inner
+        labels = np.asarray(inner.train_labels)
+        usable = np.zeros(len(labels), dtype=bool)
+        usable[np.asarray(inner.idx_full)] = True
+        usable &= self.batches.organism_block[:, 0] >= 0
+        excluded = int(labels[usable].max()) + 1 if usable.any() else 0
+        labels = np.append(np.where(usable, labels, excluded), excluded)
+        weights = None if inner.nnz is None else np.append(np.asarray(inner.nnz), 0.0)
+        return _weighted_sampler()(
+            labels=labels,
+            num_samples=int(inner.n_samples_per_epoch),
+            replacement=inner.replacement,
+            weight_scaler=inner.weight_scaler,
+            element_weights=weights,
+            n_workers=inner.sampler_workers,
+            chunk_size=inner.sampler_chunk_size,
+            store_location=inner.store_location,
+            force_recompute_indices=inner.force_recompute_indices,
+            curiculum=inner.curiculum,
+            restrict_to_subset=inner.restrict_to_subset,
+        )
+
+    def scdataloader_train_dataloader(self):
+        """scdataloader's own training path (per-cell reads + its Collator): the reference
+        the benchmarks and tests compare :mod:`scprint.trainer.batches` with."""
         inner = self.inner
         if not (inner.clss_to_weight and inner.weight_scaler > 0):
             return inner.train_dataloader()
@@ -183,14 +276,18 @@ class ScprintDataModule(L.LightningDataModule):
         )
         return DataLoader(inner.dataset, sampler=sampler, **inner.kwargs)
 
-    def val_dataloader(self):
-        return self.inner.val_dataloader()
 
-    def test_dataloader(self):
-        return self.inner.test_dataloader()
+class IndexSampler:
+    """Yields ``indices[i]`` for each ``i`` of ``positions`` (a sampler over a subset)."""
 
-    def predict_dataloader(self):
-        return self.inner.predict_dataloader()
+    def __init__(self, positions, indices):
+        self.positions, self.indices = positions, np.asarray(indices)
+
+    def __iter__(self):
+        return (int(self.indices[i]) for i in self.positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
 
 
 def _weighted_sampler():

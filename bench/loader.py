@@ -1,0 +1,216 @@
+"""Training loader: cells/s delivered as collated batches, and peak RSS.
+
+``python -m bench.loader --json OUT [--quick] [--workdir DIR]``
+
+One collection (bench/loader_data.py: ~100,000 cells x 20,000 genes, ~1,500 non-zeros a
+cell, 8 h5ad files, an offline laminDB instance; generated once into the workdir) and the
+training setup of config/base.yml (how="random expr", max_len 2200, batch 64, weighted
+sampling over cell type x assay x organism with weight_scaler 50, six predicted classes,
+four hierarchical). Each variant runs in a fresh process (its own peak RSS):
+
+- scprint: ScprintDataModule.train_dataloader() (scprint.trainer.batches), 0 and 2 workers;
+- stock scdataloader (baseline): the same module's scdataloader_train_dataloader()
+  (lamindb MappedCollection per-cell reads + scdataloader's Collator), 0 and 2 workers;
+- annbatch (baseline), in its own venv (.bench-venv-annbatch, `make bench-annbatch-venv`):
+  the same cells written as its sharded zarr, uniform order (no weighted sampler), raw CSR
+  batches and with the same gene selection in numpy; per-cell random (chunk_size=1) and its
+  default chunked order (only approximately random; not comparable, reported for scale).
+
+Rows are cells/s after a warm-up (worker start, the compiled kernel's first call, the
+sampler's first epoch draw), so the figure is the steady state a training run sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import Row, section_parser, write_section
+
+REPO = Path(__file__).resolve().parents[1]
+ANNBATCH_PY = REPO / ".bench-venv-annbatch" / "bin" / "python"
+FULL = {"cells": 100_000, "files": 8, "genes": 20_000}
+QUICK = {"cells": 4_000, "files": 2, "genes": 20_000}
+# batches measured (after warm-up) per variant: stock is ~100x slower than ours
+BATCHES = {"scprint": 300, "stock": 25, "annbatch": 40}
+QUICK_BATCHES = {"scprint": 40, "stock": 6, "annbatch": 16}
+DATA = dict(
+    clss_to_predict=[
+        "organism_ontology_term_id",
+        "cell_type_ontology_term_id",
+        "tissue_ontology_term_id",
+        "disease_ontology_term_id",
+        "assay_ontology_term_id",
+        "sex_ontology_term_id",
+    ],
+    hierarchical_clss=[
+        "cell_type_ontology_term_id",
+        "tissue_ontology_term_id",
+        "disease_ontology_term_id",
+        "assay_ontology_term_id",
+    ],
+    clss_to_weight=[
+        "cell_type_ontology_term_id",
+        "assay_ontology_term_id",
+        "organism_ontology_term_id",
+    ],
+    weight_scaler=50,
+    how="random expr",
+    max_len=2200,
+    batch_size=64,
+    validation_split=0.02,
+    sampler_workers=1,
+)
+
+
+def ensure_data(root: Path, size: dict) -> dict:
+    """Generate the collection unless a finished one with the same sizes is there."""
+    ready = root / "ready.json"
+    if ready.exists():
+        info = json.loads(ready.read_text())
+        if (info["n_cells"], info["n_files"], info["n_genes"]) == tuple(size.values()):
+            return info
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    print(f"generating {size['cells']:,} cells x {size['genes']:,} genes in {root} ...", flush=True)
+    cmd = [sys.executable, "-m", "bench.loader_data", str(root), *map(str, size.values())]
+    subprocess.run(cmd, check=True, env=_env(root), cwd=REPO, stdout=subprocess.DEVNULL)
+    return json.loads(ready.read_text())
+
+
+def _env(root: Path) -> dict:
+    env = dict(os.environ)
+    env["LAMIN_SETTINGS_DIR"] = str(root / "lamin" / "settings")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def measure_in_process(impl: str, workers: int, n_batches: int, warmup: int) -> dict:
+    """Runs inside the variant's own process (``--measure``)."""
+    import torch
+
+    from scprint.trainer.datamodule import ScprintDataModule
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    dm = ScprintDataModule(
+        "bench-loader",
+        n_samples_per_epoch=(n_batches + warmup + 2) * DATA["batch_size"],
+        num_workers=workers,
+        **DATA,
+    )
+    dm.setup("fit")
+    loader = dm.train_dataloader() if impl == "scprint" else dm.scdataloader_train_dataloader()
+    setup_s = time.perf_counter() - started
+    cells, start = 0, None
+    it = iter(loader)
+    for i, batch in enumerate(it):
+        if i == warmup:
+            start, cells = time.perf_counter(), 0
+        cells += batch["x"].shape[0]
+        if i + 1 == warmup + n_batches:
+            break
+    seconds = time.perf_counter() - start
+    shape = list(batch["x"].shape)
+    del it, loader  # joins the workers, so RUSAGE_CHILDREN holds their peak
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return {
+        "rss_anon_mb": int(status.get("RssAnon", "0 kB").split()[0]) / 1024,
+        "rss_file_mb": int(status.get("RssFile", "0 kB").split()[0]) / 1024,
+        "cells_per_s": cells / seconds,
+        "cells": cells,
+        "setup_s": setup_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "batch_shape": shape,
+    }
+
+
+def run_variant(root: Path, impl: str, workers: int, n_batches: int, warmup: int) -> dict:
+    cmd = [sys.executable, "-m", "bench.loader", "--measure", impl, "--workers", str(workers)]
+    cmd += ["--batches", str(n_batches), "--warmup", str(warmup), "--json", "-"]
+    proc = subprocess.run(cmd, env=_env(root), cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{impl} ({workers} workers) failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_annbatch(root: Path, info: dict, mode: str, n_batches: int) -> dict:
+    """annbatch in its own venv; {"error": why} when it cannot run here."""
+    if not ANNBATCH_PY.exists():
+        return {"error": "no .bench-venv-annbatch: run `make bench-annbatch-venv` (annbatch "
+                "needs Python >= 3.12, anndata >= 0.12 and zarr 3, so it gets its own venv)"}  # fmt: skip
+    cmd = [str(ANNBATCH_PY), str(REPO / "bench" / "loader_annbatch.py"), mode, str(n_batches)]
+    cmd += [str(max(4, n_batches // 2)), str(DATA["max_len"]), str(root / "annbatch")]
+    proc = subprocess.run(cmd + info["files"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": f"annbatch failed: {proc.stderr.strip().splitlines()[-1]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = section_parser(__doc__.splitlines()[0])
+    parser.add_argument("--measure", choices=["scprint", "stock"], help=argparse_hidden())
+    parser.add_argument("--workers", type=int, default=0, help=argparse_hidden())
+    parser.add_argument("--batches", type=int, default=100, help=argparse_hidden())
+    parser.add_argument("--warmup", type=int, default=3, help=argparse_hidden())
+    args = parser.parse_args(argv)
+    if args.measure:  # one variant, in this (fresh) process
+        print(json.dumps(measure_in_process(args.measure, args.workers, args.batches, args.warmup)))
+        return 0
+
+    size = QUICK if args.quick else FULL
+    batches = QUICK_BATCHES if args.quick else BATCHES
+    root = (args.workdir / ("loader-quick" if args.quick else "loader")).resolve()
+    info = ensure_data(root, size)
+    rows: list[Row] = []
+    details = {"collection": info, "setup": DATA}
+    for impl, label, base in [("scprint", "scprint", False), ("stock", "stock scdataloader", True)]:
+        for workers in (0, 2):
+            warmup = 3 if impl == "stock" else 10
+            r = run_variant(root, impl, workers, batches[impl], warmup)
+            details[f"{impl}-{workers}"] = r
+            print(f"  {label}, {workers} workers: {r['cells_per_s']:,.0f} cells/s", flush=True)
+            note = f"{r['cells']} cells"
+            rows.append(Row(f"loader, {workers} workers", label, r["cells_per_s"], "cells/s",
+                            baseline=base, note=note))  # fmt: skip
+            rss = r["peak_rss_mb"] + (r["worker_peak_rss_mb"] if workers else 0)
+            # memory-mapped file pages count in RSS: shared page cache, not our heap
+            note = f"main: {r['rss_anon_mb']:,.0f} anon + {r['rss_file_mb']:,.0f} file-backed"
+            note += " at the end; + largest worker" if workers else " at the end"
+            rows.append(Row(f"loader peak RSS, {workers} workers", label, rss, "MB",
+                            baseline=base, higher_is_better=False, note=note))  # fmt: skip
+    for mode in ("random", "chunked"):
+        r = run_annbatch(root, info, mode, batches["annbatch"])
+        details[f"annbatch-{mode}"] = r
+        if "error" in r:
+            print(f"  annbatch ({mode}): not measured: {r['error']}", flush=True)
+            continue
+        order = "per-cell random order" if mode == "random" else "its chunked order (512 cells)"
+        print(f"  annbatch, {order}: {r['selected']:,.0f} cells/s ({r['raw']:,.0f} raw)")
+        figure = "loader, 0 workers" if mode == "random" else "loader, 0 workers, chunked order"
+        rows.append(Row(figure, "annbatch + numpy selection", r["selected"], "cells/s",
+                        baseline=True, note=f"{order}, uniform sampling"))  # fmt: skip
+        rows.append(Row(figure, "annbatch raw CSR batches", r["raw"], "cells/s",
+                        note=f"{order}, no gene selection"))  # fmt: skip
+        if mode == "random":
+            rows.append(Row("loader peak RSS, 0 workers", "annbatch + numpy selection",
+                            r["peak_rss_mb"], "MB", higher_is_better=False))  # fmt: skip
+    write_section(args.json, "loader", rows, details=details)
+    return 0
+
+
+def argparse_hidden():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The training loader (scprint.trainer.batches behind ScprintDataModule) on a real tiny
+laminDB collection: the same batches as scdataloader's reader + Collator, weighted
+sampling kept, worker processes, and every ``data.*`` key changing what the module does.
+
+laminDB settings are read once per process, so everything runs in one subprocess
+(tests/loader_probe.py) that prints its observations; the tests below judge them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import cli_env
+from test_fit import build_tiny_collection, write_gene_files
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory) -> dict:
+    workdir = tmp_path_factory.mktemp("loader")
+    info = build_tiny_collection(workdir)
+    write_gene_files(workdir, info["genes"])
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "loader_probe.py"), str(workdir)],
+        cwd=workdir,
+        env=cli_env(workdir, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("PROBE "))
+    return json.loads(line[len("PROBE ") :])
+
+
+@pytest.mark.parametrize("how", ["most expr", "random expr"])
+def test_batches_agree_with_scdataloaders_collator(probe, how):
+    """All 110 cells through both paths. "most expr" with max_len 48 (cells have 31-74
+    expressed genes: top-k and fill both happen); "random expr" with max_len 150 (every
+    expressed gene is taken, so the sets must be equal)."""
+    got = probe["agree"][how]
+    assert got["keys"] == ["class", "depth", "genes", "tp", "x"]
+    assert got["dtypes"] == got["stock_dtypes"]
+    assert got["class_equal"] and got["has_unknown"]  # same encoders, unknown = -1
+    assert got["depth_equal"] and got["tp_equal"]
+    rows = got["rows"]
+    assert len(rows) == 110
+    assert any(r["n_expr"] > 48 for r in rows) and any(r["n_expr"] < 48 for r in rows)
+    for r in rows:
+        assert r["same_counts"]  # the same multiset of counts (incl. zero fill)
+        assert r["same_genes_above_cut"]  # same chosen genes (ties at the cut aside)
+        assert r["counts_match_genes"]  # each count belongs to its gene
+        assert r["distinct"] and r["fill_unexpressed"]
+    if how == "most expr":
+        assert all(r["descending"] for r in rows)
+
+
+def test_weighted_sampling_oversamples_rare_cell_types(probe):
+    got = probe["sampling"]
+    population, drawn = got["population"], got["weighted"]
+    n_pop, n_drawn = sum(population.values()), sum(drawn.values())
+    assert n_drawn == 1600
+    rare = min(population, key=population.get)
+    assert drawn[rare] / n_drawn > 1.3 * population[rare] / n_pop
+    # clss_to_weight: weighting by organism (one class here) draws cells uniformly
+    uniform = got["weighted_by_organism"]
+    assert uniform[rare] / n_drawn < 1.3 * population[rare] / n_pop
+
+
+def test_workers_and_pickling(probe):
+    got = probe["sampling"]
+    assert got["spawn_workers_cells"] == 110  # spawn: the dataset pickles into workers
+    assert got["fork_workers"] == 2 and got["fork_workers_cells"] == 1600
+    assert got["seeded_repeatable"]  # numpy's seed (seed_everything) fixes the batches
+    assert got["pickled_same"]  # a pickled copy gives the same batches
+
+
+def test_every_data_key_changes_behaviour(probe):
+    k = probe["keys"]
+    base = k["base"]
+    assert "no collection 'nope'" in k["collection_name"]
+    assert "NCBITaxon:10090" in k["organisms"]
+    assert (base["n_classes"], k["clss_to_predict"]) == (3, 1)
+    assert base["hierarchy"] == ["cell_type_ontology_term_id"] and k["hierarchical_clss"] == []
+    # weight_scaler 0: one pass over the 88 training cells; 5: n_samples_per_epoch draws
+    assert (base["n_train_batches"], k["n_samples_per_epoch"]) == (88 // 8, 80 // 8)
+    assert (base["n_val"], k["validation_split"]) == (22, 55)
+    assert base["test"] == 0 and k["test_split"] > 0
+    assert base["batch"] == [8, 48] and k["max_len_batch_size"] == [5, 20]  # + batch_size
+    assert k["how_most_descending"] and not k["how_random_descending"]
+    assert (base["n_genes"], k["gene_embeddings"]) == (180, 200)
+    assert base["gene_pos"] is None and k["gene_positions"] == [0, 1, 2, 3]
+    assert k["gene_position_tolerance"] == 180  # the parquet's own ranks: one per gene
+    assert k["assays_kept_files"] == [0, 1] and k["assays_to_drop_files"] == [0]
+    assert k["replacement"]["True"][0] == 300 and k["replacement"]["True"][1] < 300
+    assert k["replacement"]["False"][0] == k["replacement"]["False"][1]  # no repeats
+    assert (base["num_workers"], k["num_workers"]) == (0, 2)
+    one, two = k["sampler_workers_child_cpu_s"]
+    assert one == pytest.approx(0, abs=0.01) and two > 0  # 2: index built in processes
+    assert {"train_labels.npy", "valid_idx.npy", "klass_indices.pt"} <= set(k["store_files"])
+    assert k["store_same_split"] and not k["nostore_same_split"]
+    # clss_to_weight, weight_scaler: also test_weighted_sampling_oversamples_rare_cell_types
