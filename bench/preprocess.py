@@ -62,7 +62,7 @@ def measure(cmd: list[str], cwd: Path, env: dict) -> tuple[float, float]:
 
 def main() -> None:
     args = section_parser(__doc__).parse_args()
-    n_cells, n_genes = (1_000, 20_000) if args.quick else (10_000, 20_000)
+    n_cells, n_genes = (1_000, 20_000) if args.quick else (5_000, 20_000)
     work = args.workdir.resolve() / "preprocess"
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "LAMIN_SETTINGS_DIR": str(work / "lamin" / "settings")}
