@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test lint clean-demo bench
+.PHONY: install demo test lint clean-demo bench bench-seed-venv
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +32,17 @@ clean-demo:
 # `make bench`: every benchmark section, each figure next to its baselines (bench/README.md)
 bench: $(VENV)/.installed
 	python -m bench
+
+# `make bench-seed-venv`: the seed's model (PyPI scprint 2.3.8) in a venv of its own, which
+# `python -m bench --only model` calls as a subprocess (its package name clashes with ours).
+# Its own requirements pin torch 2.2 etc., so the stack is ours and the seed comes --no-deps.
+SEED_VENV ?= .bench-venv-seed
+bench-seed-venv: $(SEED_VENV)/.installed
+
+$(SEED_VENV)/.installed: bench/seed-requirements.txt constraints.txt
+	$(PYTHON) -m venv $(SEED_VENV)
+	$(SEED_VENV)/bin/pip install -q -c constraints.txt torch==2.13.0 scdataloader==2.1.3 \
+		lightning==2.6.6 lamindb==2.1.1 bionty==2.1.0 anndata==0.11.4 scanpy \
+		'numpy<2' 'pyarrow<21' 'zarr<3' 'numcodecs<0.16'
+	$(SEED_VENV)/bin/pip install -q --no-deps -c constraints.txt -r bench/seed-requirements.txt
+	touch $@
