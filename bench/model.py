@@ -47,6 +47,12 @@ SEED_SCRIPT = Path(__file__).resolve().parent / "seed_step.py"
 SHAPE = dict(d_model=128, nhead=2, nlayers=4, dropout=0.1)
 N_GENES, D_GENE_EMB = 20_000, 1280
 CLASSES = {"organism": 2, "cell_type": 500, "tissue": 200, "disease": 100, "assay": 20, "sex": 3}
+IMPLS = {  # configuration -> row label; ours-normal and seed are the baselines
+    "ours-sdpa": "ours sdpa",
+    "ours-sdpa-ckpt": "ours sdpa, checkpoint_activations",
+    "ours-normal": "ours normal",
+    "seed": "seed (scprint 2.3.8, normal)",
+}
 OBJECTIVES = {
     "default": dict(noise=[0.6], mask_ratio=[], do_generate=True, do_cls=True),
     "all": dict(
@@ -109,7 +115,9 @@ def make_inputs(workdir: Path, B: int, L: int) -> Path:
 
 
 # ---- worker: one configuration of our model, in its own process -------------------------
-def run_ours(inputs: Path, attention: str, objectives: str, steps: int, options: dict) -> dict:
+def run_ours(
+    inputs: Path, attention: str, objectives: str, steps: int, shape: dict, options: dict
+) -> dict:
     import torch
 
     from scprint.model import losses
@@ -124,7 +132,7 @@ def run_ours(inputs: Path, attention: str, objectives: str, steps: int, options:
         d_gene_emb=table.shape[1],
         classes=data["classes"],
         attention=attention,
-        **SHAPE,
+        **shape,
         **options,
     )
     torch.manual_seed(0)
@@ -236,16 +244,18 @@ def mem_available_gb() -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = section_parser(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, help="timed steps per configuration")
+    parser.add_argument("--nhead", type=int, default=SHAPE["nhead"], help="attention heads")
     parser.add_argument(
         "--configs",
-        help="comma-separated subset of ours-sdpa,ours-normal,seed (default: all)",
+        help=f"comma-separated subset of {','.join(IMPLS)} (default: all)",
     )
     args = parser.parse_args(argv)
     B, L = (2, 256) if args.quick else (16, 2200)
     steps = args.steps or (1 if args.quick else 2)
     inputs = make_inputs(args.workdir, B, L)
+    shape = {**SHAPE, "nhead": args.nhead}
     figure = f"train step, small, {B}x{L} tokens"
-    wanted = set((args.configs or "ours-sdpa,ours-normal,seed").split(","))
+    wanted = set((args.configs or ",".join(IMPLS)).split(","))
 
     rows: list[Row] = []
     for objectives in OBJECTIVES:
@@ -259,13 +269,12 @@ def main(argv: list[str] | None = None) -> int:
                 note="needs CUDA (flash-attn): see bench/gpu.py",
             )
         )
-        for impl in ("ours-sdpa", "ours-normal", "seed"):
+        for impl, label in IMPLS.items():
             if impl not in wanted:
                 continue
-            label = {"ours-sdpa": "ours sdpa", "ours-normal": "ours normal", "seed": "seed"}[impl]
-            baseline = impl != "ours-sdpa"
+            baseline = impl in ("ours-normal", "seed")
             print(f"  {label}, {objectives} objectives ...", flush=True)
-            result, note = _run_config(impl, inputs, objectives, steps)
+            result, note = _run_config(impl, inputs, objectives, steps, shape)
             extra = {"objectives": objectives, "B": B, "L": L, "steps": steps}
             if result is None:
                 for unit in ("ms/step", "MB"):
@@ -277,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {ms:,.0f} ms/step, peak RSS {result['rss_mb']:,.0f} MB", flush=True)
             rows.append(_row(figure, objectives, label, ms, "ms/step", baseline, "", extra))
             rows.append(_row(figure, objectives, label, result["rss_mb"], "MB", baseline, ""))
-    write_section(args.json, "model", rows, B=B, L=L, shape=SHAPE)
+    write_section(args.json, "model", rows, B=B, L=L, shape=shape)
     return 0
 
 
@@ -295,7 +304,9 @@ def _row(figure, objectives, impl, value, unit, baseline, note, extra=None) -> R
     )
 
 
-def _run_config(impl: str, inputs: Path, objectives: str, steps: int) -> tuple[dict | None, str]:
+def _run_config(
+    impl: str, inputs: Path, objectives: str, steps: int, shape: dict
+) -> tuple[dict | None, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     timeout = 600
     if impl == "seed":
@@ -308,12 +319,14 @@ def _run_config(impl: str, inputs: Path, objectives: str, steps: int) -> tuple[d
         env.pop("PYTHONPATH", None)  # our package must not shadow the seed's `scprint`
         cmd = [str(python), "-I", str(SEED_SCRIPT), "--inputs", str(inputs)]
         cmd += ["--objectives", json.dumps(OBJECTIVES[objectives]), "--steps", str(steps)]
-        cmd += ["--shape", json.dumps(SHAPE)]
+        cmd += ["--shape", json.dumps(shape)]
     else:
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
         attention = impl.split("-")[1]
+        options = {"checkpoint_activations": impl.endswith("-ckpt")}
         cmd = [sys.executable, "-m", "bench.model", "--worker", "--inputs", str(inputs)]
         cmd += ["--attention", attention, "--objectives", objectives, "--steps", str(steps)]
+        cmd += ["--options", json.dumps(options), "--shape", json.dumps(shape)]
     return _subprocess(cmd, env, timeout)
 
 
@@ -325,10 +338,16 @@ def worker(argv: list[str]) -> int:
     parser.add_argument("--objectives", required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--options", default="{}", help="extra ScPrintConfig keys (JSON)")
+    parser.add_argument("--shape", default=json.dumps(SHAPE), help="d_model, nhead, ... (JSON)")
     parser.add_argument("--result", type=Path, required=True)
     args = parser.parse_args(argv)
     result = run_ours(
-        args.inputs, args.attention, args.objectives, args.steps, json.loads(args.options)
+        args.inputs,
+        args.attention,
+        args.objectives,
+        args.steps,
+        json.loads(args.shape),
+        json.loads(args.options),
     )
     args.result.write_text(json.dumps(result))
     return 0
