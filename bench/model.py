@@ -1,9 +1,11 @@
 """Model step on CPU: forward + backward + optimizer ms and peak RSS per batch.
 
-Figures (B cells x L gene tokens, fp32, the small config: d_model 128, 4 layers, 4 heads):
-ours with each attention backend (flash is reported as needing CUDA), baselines our
-``normal`` backend and the seed's own model (PyPI ``scprint`` 2.3.8, run from its own venv
-``.bench-venv-seed``, made by ``make bench-seed-venv``), each with two objective sets:
+Figures (16 cells x 2,200 gene tokens, fp32, 2 CPU threads by default, the seed's small
+size: d_model 128, 4 layers, 2 heads; ``--nhead 4`` gives our pretrain_small.yml's heads):
+ours with sdpa, with sdpa + ``checkpoint_activations``, and flash (a row saying it needs
+CUDA; bench/gpu.py measures it); baselines our ``normal`` backend and the seed's own model
+(PyPI ``scprint`` 2.3.8, from its own venv ``.bench-venv-seed``, made by ``make
+bench-seed-venv``), each with two objective sets:
 
 - ``default``: what config/base.yml turns on: denoising (noise 0.6), bottleneck generation,
   classification.
@@ -21,8 +23,12 @@ all: adds ``mask_ratio=[0.3]``, ``do_mvc`` with ``mvc_decoder="inner product"``,
 (it does so whenever denoising is on), it decodes MVC on its first view only (ours on
 each view), and it adds an embedding-independence term with classification.
 
-Every configuration runs in a fresh subprocess (so its peak RSS is its own), builds the
-model, runs one warm-up step (excluded) and then times a few steps (median).
+Every configuration runs in a fresh subprocess (so its peak RSS is its own: model, data
+and the step), builds the model, runs one warm-up step (excluded from the time) and then
+``--steps`` timed steps (median; default 1, a seed step takes minutes here). A process whose
+RSS passes the machine's budget (MemAvailable minus 3 GB, or SCPRINT_BENCH_MEM_GB) is
+stopped and its row says so: the seed with every objective needs more than 20 GB.
+``--quick``: 2 x 256 tokens, default objectives, no checkpoint row (a smoke run).
 """
 
 from __future__ import annotations
@@ -251,14 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     B, L = (2, 256) if args.quick else (16, 2200)
-    steps = args.steps or (1 if args.quick else 2)
+    # one warm-up step and one timed step: a seed step takes 1-2 minutes on 2 cores
+    steps = args.steps or 1
     inputs = make_inputs(args.workdir, B, L)
     shape = {**SHAPE, "nhead": args.nhead}
     figure = f"train step, small, {B}x{L} tokens"
-    wanted = set((args.configs or ",".join(IMPLS)).split(","))
+    quick_impls = "ours-sdpa,ours-normal,seed"
+    wanted = set((args.configs or (quick_impls if args.quick else ",".join(IMPLS))).split(","))
 
     rows: list[Row] = []
-    for objectives in OBJECTIVES:
+    for objectives in ["default"] if args.quick else list(OBJECTIVES):
         rows.append(
             Row(
                 f"{figure}, {objectives} objectives",
