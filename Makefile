@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test lint clean-demo bench bench-annbatch-venv
+.PHONY: install demo test lint clean-demo bench bench-annbatch-venv bench-seed-venv
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,7 @@ clean-demo:
 # `make bench`: every benchmark section, each figure next to its baselines (bench/README.md)
 bench: $(VENV)/.installed
 	-$(MAKE) bench-annbatch-venv
+	-$(MAKE) bench-seed-venv
 	python -m bench
 
 # annbatch (a loader baseline of bench/loader.py) needs Python >= 3.12, anndata >= 0.12 and
@@ -44,3 +45,17 @@ PYTHON312 ?= $(shell command -v python3.12 || ls -d $$HOME/.pyenv/versions/3.12*
 	touch $@
 
 bench-annbatch-venv: .bench-venv-annbatch/.installed
+
+# `make bench-seed-venv`: the seed's model (PyPI scprint 2.3.8) in a venv of its own, which
+# `python -m bench --only model` calls as a subprocess (its package name clashes with ours).
+# Its own requirements pin torch 2.2 etc., so the stack is ours and the seed comes --no-deps.
+SEED_VENV ?= .bench-venv-seed
+bench-seed-venv: $(SEED_VENV)/.installed
+
+$(SEED_VENV)/.installed: bench/seed-requirements.txt constraints.txt
+	$(PYTHON) -m venv $(SEED_VENV)
+	$(SEED_VENV)/bin/pip install -q -c constraints.txt torch==2.13.0 scdataloader==2.1.3 \
+		lightning==2.6.6 lamindb==2.1.1 bionty==2.1.0 anndata==0.11.4 scanpy \
+		'numpy<2' 'pyarrow<21' 'zarr<3' 'numcodecs<0.16'
+	$(SEED_VENV)/bin/pip install -q --no-deps -c constraints.txt -r bench/seed-requirements.txt
+	touch $@

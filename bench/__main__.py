@@ -79,7 +79,7 @@ def print_section(section: dict) -> None:
             ratios = "  ".join(
                 f"{r['value'] / b['value']:.2f}x {b['impl']}"
                 for b in bases
-                if b is not r and b["value"]
+                if b is not r and b["value"] and _known(b["value"]) and _known(r["value"])
             )
             tag = " (baseline)" if r["baseline"] else ""
             note = f"  - {r['note']}" if r.get("note") else ""
@@ -87,7 +87,13 @@ def print_section(section: dict) -> None:
 
 
 def _fmt(value: float) -> str:
+    if not _known(value):  # a row that could not be measured here; its note says why
+        return "n/a"
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _known(value: float) -> bool:
+    return value == value  # NaN marks a figure not measured
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scprint.model import losses
-from scprint.model.model import ScPrint, ScPrintConfig
+from scprint.model.model import ScPrint, ScPrintConfig, sinusoid
 from scprint.model.objectives import Objectives, compute_losses, set_trainable
 
 torch.set_num_threads(1)  # the CI machine has 2 shared cores: threads only contend
@@ -17,7 +17,7 @@ CLASSES = {"organism": 2, "cell_type": 3}
 HIERARCHY = {"cell_type": {3: [0, 1]}}  # code 3 is a parent of leaves 0 and 1
 
 
-def tiny_net(attention="sdpa", **kw) -> ScPrint:
+def tiny_net(attention="sdpa", dropout=0.0, **kw) -> ScPrint:
     cfg = ScPrintConfig(
         n_genes=40,
         d_gene_emb=12,
@@ -26,7 +26,7 @@ def tiny_net(attention="sdpa", **kw) -> ScPrint:
         nhead=4,
         nlayers=2,
         attention=attention,
-        dropout=0.0,
+        dropout=dropout,
         **kw,
     )
     torch.manual_seed(0)
@@ -174,3 +174,61 @@ def test_depth_token_is_optional():
     a, _ = deep.encode(batch["genes"].long(), batch["x"], batch["depth"])
     b, _ = deep.encode(batch["genes"].long(), batch["x"], other["depth"])
     assert not torch.allclose(a, b)  # the depth token carries the depth
+
+
+def test_gene_identity_over_distinct_genes_equals_per_token():
+    """The step projects each distinct gene once and gathers; values and gradients are those
+    of projecting every token."""
+    net = tiny_net()
+    genes = tiny_batch()["genes"].long()  # genes repeat across cells
+    got = net.gene_identity(genes)
+    got.square().sum().backward()
+    grad = net.gene_proj.weight.grad.clone()
+    net.zero_grad()
+    pos = sinusoid(net.gene_pos[genes], 32)
+    want = net.gene_proj(net.gene_table(genes)) + pos
+    want.square().sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad, net.gene_proj.weight.grad)
+
+
+def saved_bytes(fn, *args):
+    """(bytes of the tensors autograd keeps for backward while ``fn(*args)`` runs, its result)"""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return total, out
+
+
+def test_checkpoint_activations_same_gradients_less_saved_memory():
+    """checkpoint_activations changes what is kept for backward, never what is computed:
+    with dropout on (the recomputed blocks must draw the same masks) every gradient and
+    the loss match, while the tensors kept for backward shrink."""
+    obj = Objectives(noise=[0.5], mask_ratio=[0.3], do_mvc=True, do_cce=True, do_ecs=True)
+    batch, grads, kept, loss = tiny_batch(B=8, L=30), {}, {}, {}
+    for recompute in (False, True):
+        net = tiny_net(dropout=0.2, checkpoint_activations=recompute)
+        set_trainable(net, obj)
+        torch.manual_seed(7)
+        kept[recompute], out = saved_bytes(compute_losses, net, batch, obj, sets())
+        out["loss"].backward()
+        loss[recompute] = out["loss"].detach()
+        grads[recompute] = {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(loss[True], loss[False], rtol=0, atol=0)
+    assert grads[True].keys() == grads[False].keys()
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    assert kept[True] < 0.5 * kept[False], kept
+    # outside training the option does nothing: the same tensors are kept as without it
+    kept_eval = []
+    for recompute in (False, True):
+        net = tiny_net(checkpoint_activations=recompute).eval()
+        args = batch["genes"].long(), batch["x"], batch["depth"]
+        kept_eval.append(saved_bytes(net.encode, *args)[0])
+    assert kept_eval[0] == kept_eval[1] > 0

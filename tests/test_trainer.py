@@ -206,3 +206,10 @@ def test_gene_embeddings_parquet_fills_the_table(tmp_path):
     torch.testing.assert_close(model.net.gene_table.weight[0], torch.from_numpy(table[-1]))
     with pytest.raises(Exception, match="have no row"):
         module(genes=[*GENES, "EXTRA"], gene_embeddings=str(tmp_path / "emb.parquet"))
+
+
+def test_checkpoint_activations_key_reaches_the_network():
+    """model.checkpoint_activations (config/base.yml) switches block recomputation on; what it
+    changes (memory kept, not results) is tested in test_model.py."""
+    assert module().net.cfg.checkpoint_activations is False
+    assert module(checkpoint_activations=True).net.cfg.checkpoint_activations is True

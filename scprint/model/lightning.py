@@ -75,6 +75,7 @@ class ScPrintModule(L.LightningModule):
         dropout: float = 0.1,
         attention: str = "sdpa",
         use_depth_token: bool = True,
+        checkpoint_activations: bool = False,
     ):
         """
         Args:
@@ -90,6 +91,9 @@ class ScPrintModule(L.LightningModule):
             dropout: on residual branches (never inside attention).
             attention: flash (flash-attn, CUDA fp16/bf16), sdpa (torch fused) or normal.
             use_depth_token: add a cell token that carries the cell's total counts.
+            checkpoint_activations: in training, keep only each transformer block's input
+                and recompute the block in backward: same gradients, far less activation
+                memory (the figure that decides which GPU a size needs), ~1/3 more compute.
         """
         super().__init__()
         if not genes:
@@ -113,6 +117,7 @@ class ScPrintModule(L.LightningModule):
             dropout=dropout,
             attention=attention,
             use_depth_token=use_depth_token,
+            checkpoint_activations=checkpoint_activations,
             use_positions=gene_positions is not None,
             freeze_embeddings=freeze_embeddings,
         )

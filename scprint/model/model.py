@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 ATTENTION_BACKENDS = ("flash", "sdpa", "normal")
 
@@ -37,6 +38,7 @@ class ScPrintConfig:
     use_depth_token: bool = True
     use_positions: bool = True
     freeze_embeddings: bool = True
+    checkpoint_activations: bool = False  # keep block inputs only; recompute in backward
 
     def __post_init__(self):
         if self.attention not in ATTENTION_BACKENDS:
@@ -88,11 +90,21 @@ class SelfAttention(nn.Module):
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
             if self.backend == "sdpa":
                 y = F.scaled_dot_product_attention(q, k, v)  # fused; no (B,H,T,T) kept
-            else:
-                att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, T)
+            else:  # scale q, not the (B, H, T, T) scores: one T x T tensor less
+                att = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)  # (B,H,T,T)
                 y = att.softmax(dim=-1) @ v
             y = y.transpose(1, 2)  # (B, T, H, Dh)
         return self.proj(y.reshape(B, T, D))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout that keeps a bool mask for backward: on CPU torch's dropout keeps a float
+    one, 4x the bytes, for each of the two residual branches of every block."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return torch.native_dropout(x, self.p, True)[0]
 
 
 class Block(nn.Module):
@@ -107,7 +119,7 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model)
         )
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D)
         x = x + self.drop(self.attn(self.ln1(x)))
@@ -214,11 +226,17 @@ class ScPrint(nn.Module):
 
     # ---- encoders -----------------------------------------------------------------------
     def gene_identity(self, genes: torch.Tensor) -> torch.Tensor:
-        """(B, L) gene indices -> (B, L, D): who the gene is and where it sits."""
-        tok = self.gene_proj(self.gene_table(genes))
+        """(B, L) gene indices -> (B, L, D): who the gene is and where it sits.
+
+        Computed for the batch's distinct genes only, then gathered: cells share most of
+        their genes, and the (tokens, E) embedding rows are the largest tensor of a step.
+        The training step computes it once and passes it to every pass that needs it.
+        """
+        unique, inverse = torch.unique(genes, return_inverse=True)  # (U,), (B, L)
+        tok = self.gene_proj(self.gene_table(unique))  # (U, D)
         if self.cfg.use_positions:
-            tok = tok + sinusoid(self.gene_pos[genes], self.cfg.d_model).to(tok.dtype)
-        return tok
+            tok = tok + sinusoid(self.gene_pos[unique], self.cfg.d_model).to(tok.dtype)
+        return tok[inverse]
 
     def cell_prefix(self, B: int, depth: torch.Tensor | None) -> torch.Tensor:
         """(B, C, D): learned cell/class tokens, the depth token carries log1p(depth)."""
@@ -231,8 +249,12 @@ class ScPrint(nn.Module):
         return prefix
 
     def transformer(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        recompute = self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            # checkpointing keeps only each block's input for backward and reruns the block
+            # there (same dropout masks: the RNG state is replayed), trading ~1/3 more
+            # compute for a block's activations (~15 (B, T, D) tensors) per layer
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return self.ln_f(x)
 
     # ---- forward passes -----------------------------------------------------------------
@@ -242,30 +264,45 @@ class ScPrint(nn.Module):
         expression: torch.Tensor,  # (B, L) counts the model sees
         depth: torch.Tensor | None = None,  # (B,) total counts of the cell
         mask: torch.Tensor | None = None,  # (B, L) bool, True = expression hidden
+        identity: torch.Tensor | None = None,  # (B, L, D) gene_identity(genes), if at hand
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (cell token states (B, C, D), gene token states (B, L, D))."""
         B = genes.shape[0]
+        identity = self.gene_identity(genes) if identity is None else identity
         expr_tok = self.expr_encoder(torch.log1p(expression.float()))  # (B, L, D)
         if mask is not None:
             expr_tok = torch.where(
                 mask[..., None], self.mask_embedding.to(expr_tok.dtype), expr_tok
             )
-        tokens = torch.cat([self.cell_prefix(B, depth), self.gene_identity(genes) + expr_tok], 1)
+        tokens = torch.cat([self.cell_prefix(B, depth), identity + expr_tok], 1)
         h = self.transformer(tokens)  # (B, T, D)
         C = self.cfg.n_cell_tokens
         return h[:, :C], h[:, C:]
 
-    def generate(self, genes: torch.Tensor, cell_states: torch.Tensor) -> torch.Tensor:
+    def generate(
+        self,
+        genes: torch.Tensor,
+        cell_states: torch.Tensor,
+        identity: torch.Tensor | None = None,  # (B, L, D) gene_identity(genes), if at hand
+    ) -> torch.Tensor:
         """Bottleneck pass: gene tokens WITHOUT expression + cell token states -> (B, L, D)."""
-        tokens = torch.cat([cell_states, self.gene_identity(genes)], dim=1)  # (B, T, D)
+        identity = self.gene_identity(genes) if identity is None else identity
+        tokens = torch.cat([cell_states, identity], dim=1)  # (B, T, D)
         return self.transformer(tokens)[:, cell_states.shape[1] :]
 
     def decode_expression(self, gene_states: torch.Tensor, library: torch.Tensor) -> dict:
         return self.expr_decoder(gene_states, library)
 
-    def decode_mvc(self, genes: torch.Tensor, cell_emb: torch.Tensor, library: torch.Tensor):
+    def decode_mvc(
+        self,
+        genes: torch.Tensor,
+        cell_emb: torch.Tensor,
+        library: torch.Tensor,
+        identity: torch.Tensor | None = None,  # (B, L, D) gene_identity(genes), if at hand
+    ):
         """(B, L) genes and (B, D) cell embedding -> ZINB parameters (B, L)."""
-        query = self.mvc_query(self.gene_identity(genes))  # (B, L, D)
+        identity = self.gene_identity(genes) if identity is None else identity
+        query = self.mvc_query(identity)  # (B, L, D)
         return self.mvc_decoder(query * cell_emb[:, None, :], library)
 
     def classify(self, cell_states: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -101,10 +101,11 @@ def compute_losses(
     if not views:  # only cell-level objectives: the encoder sees the cell as is
         views = [("plain", x, None)]
 
+    identity = net.gene_identity(genes)  # (B, L, D), shared by every pass of this step
     terms: dict[str, list[torch.Tensor]] = {}
     cell_embs, first_cell_states = [], None
     for kind, seen, mask in views:
-        cell_states, gene_states = net.encode(genes, seen, depth, mask)  # (B,C,D), (B,L,D)
+        cell_states, gene_states = net.encode(genes, seen, depth, mask, identity)
         first_cell_states = cell_states if first_cell_states is None else first_cell_states
         cell_emb = net.cell_embedding(cell_states)  # (B, D)
         cell_embs.append(cell_emb)
@@ -116,11 +117,11 @@ def compute_losses(
                 loss = losses.hierarchical_bce(logits, batch["class"][:, i], label_sets[name])
                 terms.setdefault(f"cls/{name}", []).append(loss)
         if obj.do_mvc:
-            nll = losses.zinb_nll(x, **net.decode_mvc(genes, cell_emb, library))
+            nll = losses.zinb_nll(x, **net.decode_mvc(genes, cell_emb, library, identity))
             terms.setdefault("mvc", []).append(nll.mean())
 
     if obj.do_generate:
-        generated = net.generate(genes, first_cell_states)  # (B, L, D)
+        generated = net.generate(genes, first_cell_states, identity)  # (B, L, D)
         nll = losses.zinb_nll(x, **net.decode_expression(generated, library))
         terms["generate"] = [nll.mean()]
     if obj.do_cce:
