@@ -132,7 +132,7 @@ def test_bf16_lightning_training_with_flash_learns_and_reloads_on_cpu(tmp_path):
     batch = cells(B=16, seed=0)
     with torch.no_grad():
         cpu_emb = reloaded.predict_step(batch, 0)["cell_emb"]
-        module.eval()
+        module.cuda().eval()  # Lightning moves the module back to the CPU after fit
         with torch.autocast("cuda", dtype=torch.bfloat16):
             gpu_emb = module.predict_step({k: v.cuda() for k, v in batch.items()}, 0)["cell_emb"]
     cos = torch.nn.functional.cosine_similarity(cpu_emb, gpu_emb.float().cpu(), dim=1)
