@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     for objectives in ["default"] if args.quick else list(OBJECTIVES):
         rows.append(
             Row(
-                f"{figure}, {objectives} objectives",
+                f"{figure}, {objectives} objectives, time",
                 "ours flash",
                 float("nan"),
                 "ms/step",
