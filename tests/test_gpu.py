@@ -90,11 +90,11 @@ def test_flash_refuses_float32_clearly():
 class LossLog(L.Callback):
     def __init__(self):
         self.losses: list[float] = []
-        self.cls: list[float] = []
+        self.denoise: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
-        self.cls.append(float(trainer.callback_metrics["train/cls"]))
+        self.denoise.append(float(trainer.callback_metrics["train/denoise"]))
 
 
 @needs_flash
@@ -121,8 +121,9 @@ def test_bf16_lightning_training_with_flash_learns_and_reloads_on_cpu(tmp_path):
     )
     trainer.fit(module, DataLoader(data * 100, batch_size=None))
     assert all(torch.isfinite(torch.tensor(log.losses)))
-    # measured in fp32 on CPU with sdpa over the same 400 steps: loss 5.9 -> 4.4, cls 1.37 -> 0.7
-    for values, factor in ((log.losses, 0.85), (log.cls, 0.7)):
+    # fp32 sdpa on CPU, same 400 steps, seeds 0-2: loss 5.9 -> 4.7-5.0, denoise 2.24 -> 1.51.
+    # (the class terms learn too, but how fast varies too much from seed to seed to assert)
+    for values, factor in ((log.losses, 0.9), (log.denoise, 0.8)):
         first, last = sum(values[:10]) / 10, sum(values[-10:]) / 10
         assert last < factor * first, (first, last)
 
