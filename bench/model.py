@@ -26,7 +26,7 @@ each view), and it adds an embedding-independence term with classification.
 Every configuration runs in a fresh subprocess (so its peak RSS is its own: model, data
 and the step), builds the model, runs one warm-up step (excluded from the time) and then
 ``--steps`` timed steps (median; default 1, a seed step takes minutes here). A process whose
-RSS passes the machine's budget (MemAvailable minus 3 GB, or SCPRINT_BENCH_MEM_GB) is
+RSS passes the machine's budget (MemAvailable minus 1.5 GB, or SCPRINT_BENCH_MEM_GB) is
 stopped and its row says so: the seed with every objective needs more than 20 GB.
 ``--quick``: 2 x 256 tokens, default objectives, no checkpoint row (a smoke run).
 """
@@ -213,7 +213,7 @@ def _subprocess(cmd: list[str], env: dict, timeout: float) -> tuple[dict | None,
 def memory_budget_mb() -> float:
     if os.environ.get("SCPRINT_BENCH_MEM_GB"):
         return float(os.environ["SCPRINT_BENCH_MEM_GB"]) * 1024
-    return max(1024.0, mem_available_gb() * 1024 - 3 * 1024)
+    return max(1024.0, mem_available_gb() * 1024 - 1.5 * 1024)
 
 
 def _rss_mb(pid: int) -> float:
