@@ -60,7 +60,7 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     name = "esm2_t33_650M" if cuda else "esm2_t6_8M"
-    n = (300 if args.quick else 2000) if cuda else (12 if args.quick else 48)
+    n = (300 if args.quick else 2000) if cuda else (12 if args.quick else 24)
     hidden, layers, heads = SHAPES[name]
     sequences = proteins(n)
     residues = sum(min(len(s), 1022) for s in sequences)
