@@ -194,18 +194,18 @@ class ScprintDataModule(L.LightningDataModule):
         return self._loader(sampler)
 
     def val_dataloader(self):
-        if self.batches is None:
-            return self.inner.val_dataloader()
-        if self.inner.valid_idx is None:
-            return []
-        return self._loader(np.asarray(self.inner.valid_idx).tolist())
+        return self._held_out_loader(self.inner.valid_idx, self.inner.val_dataloader)
 
     def test_dataloader(self):
+        return self._held_out_loader(self.inner.test_idx, self.inner.test_dataloader)
+
+    def _held_out_loader(self, indices, stock_loader):
+        """A held-out split in order through the fast path (scdataloader's when it is off)."""
         if self.batches is None:
-            return self.inner.test_dataloader()
-        if self.inner.test_idx is None:
+            return stock_loader()
+        if indices is None:
             return []
-        return self._loader(np.asarray(self.inner.test_idx).tolist())
+        return self._loader(np.asarray(indices).tolist())
 
     def predict_dataloader(self):
         return self.inner.predict_dataloader()
@@ -239,12 +239,17 @@ class ScprintDataModule(L.LightningDataModule):
         excluded = int(labels[usable].max()) + 1 if usable.any() else 0
         labels = np.append(np.where(usable, labels, excluded), excluded)
         weights = None if inner.nnz is None else np.append(np.asarray(inner.nnz), 0.0)
+        return self._label_weighted_sampler(labels, weights)
+
+    def _label_weighted_sampler(self, labels, element_weights):
+        """scdataloader's LabelWeightedSampler with the data section's settings."""
+        inner = self.inner
         return _weighted_sampler()(
             labels=labels,
             num_samples=int(inner.n_samples_per_epoch),
             replacement=inner.replacement,
             weight_scaler=inner.weight_scaler,
-            element_weights=weights,
+            element_weights=element_weights,
             n_workers=inner.sampler_workers,
             chunk_size=inner.sampler_chunk_size,
             store_location=inner.store_location,
@@ -261,19 +266,7 @@ class ScprintDataModule(L.LightningDataModule):
             return inner.train_dataloader()
         from torch.utils.data import DataLoader
 
-        sampler = _weighted_sampler()(
-            labels=inner.train_labels,
-            num_samples=int(inner.n_samples_per_epoch),
-            replacement=inner.replacement,
-            weight_scaler=inner.weight_scaler,
-            element_weights=inner.nnz,
-            n_workers=inner.sampler_workers,
-            chunk_size=inner.sampler_chunk_size,
-            store_location=inner.store_location,
-            force_recompute_indices=inner.force_recompute_indices,
-            curiculum=inner.curiculum,
-            restrict_to_subset=inner.restrict_to_subset,
-        )
+        sampler = self._label_weighted_sampler(inner.train_labels, inner.nnz)
         return DataLoader(inner.dataset, sampler=sampler, **inner.kwargs)
 
 
