@@ -18,9 +18,11 @@ Also runnable by hand: ``python tests/http_server.py DIR`` serves the files of D
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import threading
 import time
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
@@ -58,6 +60,7 @@ class FileServer:
         self.files: dict[str, bytes] = {}
         self.faults = Faults()
         self.requests: list[RequestRecord] = []
+        self.last_modified = formatdate(time.time() - 3600, usegmt=True)
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
@@ -151,6 +154,8 @@ class FileServer:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(part)))
+                self.send_header("Last-Modified", server.last_modified)  # S3 clients need both
+                self.send_header("ETag", f'"{hashlib.md5(body).hexdigest()}"')
                 if faults.range_support:
                     self.send_header("Accept-Ranges", "bytes")
                 if status == 206:

