@@ -37,7 +37,9 @@ bench: $(VENV)/.installed
 
 # annbatch (a loader baseline of bench/loader.py) needs Python >= 3.12, anndata >= 0.12 and
 # zarr 3: its own venv, called as a subprocess. Without Python 3.12 the bench says so.
-PYTHON312 ?= $(shell command -v python3.12 || ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)
+# (the first that runs: a pyenv shim for a version that is not selected exists but fails)
+PYTHON312 ?= $(firstword $(foreach p,$(shell command -v python3.12) \
+	$(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),$(shell $(p) -c 'print("$(p)")' 2>/dev/null)))
 .bench-venv-annbatch/.installed:
 	@test -n "$(PYTHON312)" || (echo "annbatch needs python3.12 (set PYTHON312=...)"; exit 1)
 	$(PYTHON312) -m venv .bench-venv-annbatch
