@@ -3,9 +3,9 @@
 For the small, medium and large sizes (config/pretrain_*.yml) at B=64 cells (halved until
 it fits; the row says so) x L=2,200 gene tokens, bf16 autocast, the default objectives of
 config/base.yml (denoising, generation, classification: two transformer passes a step),
-attention ``sdpa`` and ``flash`` (only where flash-attn imports), each with and without
-``checkpoint_activations``. Needs only torch and ``scprint.model`` (no data stack).
-Without CUDA it writes rows saying so and exits 0.
+attention ``sdpa`` and ``flash`` (only where flash-attn imports), each with
+``checkpoint_activations`` false, mlp and true. Needs only torch and ``scprint.model`` (no
+data stack). Without CUDA it writes rows saying so and exits 0.
 
 MFU = model FLOPs / step time / the GPU's dense bf16 peak. Model FLOPs are counted
 analytically: every matmul of forward (2 FLOPs a multiply-add) times 3 for forward +
@@ -76,7 +76,7 @@ def train_step(net, opt, batch, obj, sets) -> None:
     opt.step()
 
 
-def run_config(size: str, attention: str, checkpoint: bool, B: int, L: int, steps: int):
+def run_config(size: str, attention: str, checkpoint: bool | str, B: int, L: int, steps: int):
     """(result dict) for the largest B <= the given one that fits; raises on other errors."""
     import torch
 
@@ -169,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for size in args.sizes.split(","):
         for attention in ("sdpa", "flash"):
-            for checkpoint in (False, True):
-                impl = f"ours {attention}" + (", checkpoint_activations" if checkpoint else "")
+            for checkpoint in (False, "mlp", True):
+                impl = f"ours {attention}" + (
+                    f", checkpoint_activations {str(checkpoint).lower()}" if checkpoint else ""
+                )
                 figure = f"{size}, L={L}, bf16"
                 if attention not in backends:
                     if not checkpoint:

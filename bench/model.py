@@ -2,8 +2,8 @@
 
 Figures (16 cells x 2,200 gene tokens, fp32, 2 CPU threads by default, the seed's small
 size: d_model 128, 4 layers, 2 heads; ``--nhead 4`` gives our pretrain_small.yml's heads):
-ours with sdpa, with sdpa + ``checkpoint_activations``, and flash (a row saying it needs
-CUDA; bench/gpu.py measures it); baselines our ``normal`` backend and the seed's own model
+ours with sdpa (with config/base.yml's ``checkpoint_activations``), and flash (a row saying
+it needs CUDA; bench/gpu.py measures it); baselines our ``normal`` backend and the seed's own model
 (PyPI ``scprint`` 2.3.8, from its own venv ``.bench-venv-seed``, made by ``make
 bench-seed-venv``), each with two objective sets:
 
@@ -29,9 +29,9 @@ and the step), builds the model, runs one warm-up step (excluded from the time) 
 RSS passes the machine's budget (MemAvailable minus 1.5 GB, or SCPRINT_BENCH_MEM_GB) is
 stopped and its row says so: the seed with every objective needs more than 20 GB.
 ``--quick``: 2 x 256 tokens, default objectives (a smoke run). The checkpoint_activations
-row (~45 s here) is left out by default to keep `make bench` under 15 minutes on 2 cores;
-``python -m bench.model --json model.json --configs ours-sdpa,ours-sdpa-ckpt`` adds it (bench/gpu.py measures
-checkpointing on a GPU, where it matters).
+rows other than base.yml's (``ours-sdpa-keep``: false, ``ours-sdpa-ckpt``: true; ~45 s each
+here) are left out by default to keep `make bench` under 15 minutes on 2 cores: ``python -m
+bench.model --json model.json --configs ours-sdpa,ours-sdpa-keep,ours-sdpa-ckpt`` adds them.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from bench.common import Row, peak_rss_mb, section_parser, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,10 +59,16 @@ SHAPE = dict(d_model=128, nhead=2, nlayers=4, dropout=0.1)
 SEED_ALL_MB = 20 * 1024  # the seed with every objective on passed this and was stopped
 N_GENES, D_GENE_EMB = 20_000, 1280
 CLASSES = {"organism": 2, "cell_type": 500, "tissue": 200, "disease": 100, "assay": 20, "sex": 3}
+# ours runs with config/base.yml's checkpoint_activations unless the configuration says
+BASE_CHECKPOINTING = yaml.safe_load((ROOT / "config" / "base.yml").read_text())["model"][
+    "checkpoint_activations"
+]
+CHECKPOINTING = {"keep": False, "ckpt": True}  # impl suffix -> model.checkpoint_activations
 IMPLS = {  # configuration -> row label; ours-normal and seed are the baselines
-    "ours-sdpa": "ours sdpa",
-    "ours-sdpa-ckpt": "ours sdpa, checkpoint_activations",
-    "ours-normal": "ours normal",
+    "ours-sdpa": f"ours sdpa (checkpoint_activations {BASE_CHECKPOINTING})",
+    "ours-sdpa-keep": "ours sdpa, checkpoint_activations false",
+    "ours-sdpa-ckpt": "ours sdpa, checkpoint_activations true",
+    "ours-normal": f"ours normal (checkpoint_activations {BASE_CHECKPOINTING})",
     "seed": "seed (scprint 2.3.8, normal)",
 }
 OBJECTIVES = {
@@ -281,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         for impl, label in IMPLS.items():
-            if impl not in wanted or (objectives == "all" and impl == "ours-sdpa-ckpt"):
-                continue  # checkpointing is measured once, on the default objectives
+            if impl not in wanted:
+                continue
             baseline = impl in ("ours-normal", "seed")
             print(f"  {label}, {objectives} objectives ...", flush=True)
             if impl == "seed" and objectives == "all" and memory_budget_mb() < SEED_ALL_MB:
@@ -344,7 +352,8 @@ def _run_config(
     else:
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
         attention = impl.split("-")[1]
-        options = {"checkpoint_activations": impl.endswith("-ckpt")}
+        checkpointing = CHECKPOINTING.get(impl.split("-")[-1], BASE_CHECKPOINTING)
+        options = {"checkpoint_activations": checkpointing}
         cmd = [sys.executable, "-m", "bench.model", "--worker", "--inputs", str(inputs)]
         cmd += ["--attention", attention, "--objectives", objectives, "--steps", str(steps)]
         cmd += ["--options", json.dumps(options), "--shape", json.dumps(shape)]

@@ -209,10 +209,12 @@ def saved_bytes(fn, *args):
 def test_checkpoint_activations_same_gradients_less_saved_memory():
     """checkpoint_activations changes what is kept for backward, never what is computed:
     with dropout on (the recomputed blocks must draw the same masks) every gradient and
-    the loss match, while the tensors kept for backward shrink."""
+    the loss match, while the tensors kept for backward shrink: by one (B, T, hidden)
+    tensor a block pass with "mlp", to the blocks' inputs with true."""
     obj = Objectives(noise=[0.5], mask_ratio=[0.3], do_mvc=True, do_cce=True, do_ecs=True)
     batch, grads, kept, loss = tiny_batch(B=8, L=30), {}, {}, {}
-    for recompute in (False, True):
+    settings = (False, "mlp", True)
+    for recompute in settings:
         net = tiny_net(dropout=0.2, checkpoint_activations=recompute)
         set_trainable(net, obj)
         torch.manual_seed(7)
@@ -220,15 +222,29 @@ def test_checkpoint_activations_same_gradients_less_saved_memory():
         out["loss"].backward()
         loss[recompute] = out["loss"].detach()
         grads[recompute] = {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
-    torch.testing.assert_close(loss[True], loss[False], rtol=0, atol=0)
-    assert grads[True].keys() == grads[False].keys()
-    for name, g in grads[False].items():
-        torch.testing.assert_close(grads[True][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    for recompute in ("mlp", True):
+        torch.testing.assert_close(loss[recompute], loss[False], rtol=0, atol=0)
+        assert grads[recompute].keys() == grads[False].keys()
+        for name, g in grads[False].items():
+            torch.testing.assert_close(grads[recompute][name], g, rtol=1e-5, atol=1e-7, msg=name)
     assert kept[True] < 0.5 * kept[False], kept
+    # "mlp" drops at least every GELU output: count them in a training pass
+    net, gelu_output_bytes = tiny_net(dropout=0.2), []
+    for block in net.blocks:
+        block.mlp[1].register_forward_hook(
+            lambda mod, inp, out: gelu_output_bytes.append(out.numel() * out.element_size())
+        )
+    set_trainable(net, obj)
+    compute_losses(net, batch, obj, sets())
+    assert len(gelu_output_bytes) >= 3 * net.cfg.nlayers  # denoise, mask, generate (+ MVC)
+    assert kept[False] - kept["mlp"] >= sum(gelu_output_bytes), kept
+    assert kept[True] < kept["mlp"] < kept[False]
     # outside training the option does nothing: the same tensors are kept as without it
     kept_eval = []
-    for recompute in (False, True):
+    for recompute in settings:
         net = tiny_net(checkpoint_activations=recompute).eval()
         args = batch["genes"].long(), batch["x"], batch["depth"]
         kept_eval.append(saved_bytes(net.encode, *args)[0])
-    assert kept_eval[0] == kept_eval[1] > 0
+    assert kept_eval[0] == kept_eval[1] == kept_eval[2] > 0
+    with pytest.raises(ValueError, match="checkpoint_activations='blocks'"):
+        tiny_net(checkpoint_activations="blocks")

@@ -209,7 +209,9 @@ def test_gene_embeddings_parquet_fills_the_table(tmp_path):
 
 
 def test_checkpoint_activations_key_reaches_the_network():
-    """model.checkpoint_activations (config/base.yml) switches block recomputation on; what it
+    """model.checkpoint_activations (config/base.yml) switches recomputation on; what it
     changes (memory kept, not results) is tested in test_model.py."""
     assert module().net.cfg.checkpoint_activations is False
     assert module(checkpoint_activations=True).net.cfg.checkpoint_activations is True
+    net = module(checkpoint_activations="mlp").net
+    assert all(block.mlp.recompute for block in net.blocks)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -75,7 +76,7 @@ class ScPrintModule(L.LightningModule):
         dropout: float = 0.1,
         attention: str = "sdpa",
         use_depth_token: bool = True,
-        checkpoint_activations: bool = False,
+        checkpoint_activations: bool | Literal["mlp"] = False,
     ):
         """
         Args:
@@ -91,9 +92,11 @@ class ScPrintModule(L.LightningModule):
             dropout: on residual branches (never inside attention).
             attention: flash (flash-attn, CUDA fp16/bf16), sdpa (torch fused) or normal.
             use_depth_token: add a cell token that carries the cell's total counts.
-            checkpoint_activations: in training, keep only each transformer block's input
-                and recompute the block in backward: same gradients, far less activation
-                memory (the figure that decides which GPU a size needs), ~1/3 more compute.
+            checkpoint_activations: in training, recompute in backward what would be kept
+                for it: same gradients, less activation memory (the figure that decides
+                which GPU a size needs). "mlp": each MLP's GELU and output projection (the
+                largest tensor a block keeps; ~1/5 less memory, little compute). true:
+                whole blocks, keeping only their inputs (~1/3 more compute).
         """
         super().__init__()
         if not genes:

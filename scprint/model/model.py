@@ -38,12 +38,19 @@ class ScPrintConfig:
     use_depth_token: bool = True
     use_positions: bool = True
     freeze_embeddings: bool = True
-    checkpoint_activations: bool = False  # keep block inputs only; recompute in backward
+    # recompute in backward instead of keeping for it: False (nothing), "mlp" (each MLP's
+    # GELU + output projection: one (B, T, 4D) tensor less per block), True (whole blocks)
+    checkpoint_activations: bool | str = False
 
     def __post_init__(self):
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention={self.attention!r}: choose one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+        if self.checkpoint_activations not in (False, True, "mlp"):
+            raise ValueError(
+                f"checkpoint_activations={self.checkpoint_activations!r}: choose false, 'mlp' "
+                "or true"
             )
         if self.d_model % self.nhead:
             raise ValueError(f"d_model={self.d_model} is not divisible by nhead={self.nhead}")
@@ -107,6 +114,23 @@ class Dropout(nn.Dropout):
         return torch.native_dropout(x, self.p, True)[0]
 
 
+class MLP(nn.Sequential):
+    """Linear -> GELU -> Linear (D -> hidden -> D). With ``recompute``, training keeps only
+    the GELU's input for backward and reruns GELU + the output projection there: the GELU
+    output, the largest tensor a block keeps (B, T, hidden), is never stored."""
+
+    def __init__(self, d_model: int, hidden: int, recompute: bool = False):
+        super().__init__(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
+        self.recompute = recompute
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D)
+        up, act, down = self
+        h = up(x)  # (B, T, hidden)
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(lambda t: down(act(t)), h, use_reentrant=False)
+        return down(act(h))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
@@ -116,9 +140,7 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = SelfAttention(cfg.d_model, cfg.nhead, cfg.attention)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model)
-        )
+        self.mlp = MLP(cfg.d_model, hidden, recompute=cfg.checkpoint_activations == "mlp")
         self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D)
@@ -249,7 +271,9 @@ class ScPrint(nn.Module):
         return prefix
 
     def transformer(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
-        recompute = self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled()
+        recompute = (
+            self.cfg.checkpoint_activations is True and self.training and torch.is_grad_enabled()
+        )
         for block in self.blocks:
             # checkpointing keeps only each block's input for backward and reruns the block
             # there (same dropout masks: the RNG state is replayed), trading ~1/3 more
