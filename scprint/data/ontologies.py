@@ -352,13 +352,6 @@ def import_online(model, source, what: str, **kwargs) -> None:
     )
 
 
-def registry_counts(model) -> dict:
-    return {
-        "n_terms": model.objects.count(),
-        "n_parent_links": model.parents.through.objects.count(),
-    }
-
-
 def use_bionty_cache(cache_dir: Path) -> None:
     """bionty caches downloads inside its own package folder, which is read-only in shared
     HPC environments: keep them beside the instance unless BIONTY_ROOT_DIR says otherwise."""
@@ -386,13 +379,14 @@ def populate_online(organisms: list[str], cache_dir: Path) -> dict:
         sources = online_sources(spec)
         for source in sources:
             import_online(model, source, spec.registry)
-        sync_terms(model, [Term(oid, name) for oid, name in spec.extras])
+        stats = sync_terms(model, [Term(oid, name) for oid, name in spec.extras])
         result["ontologies"][spec.registry] = {
             "source": ONLINE,
             "ontologies": [s.name for s in sources],
             "version": {s.name: s.version for s in sources},
             "obs_column": spec.obs_column,
-            **registry_counts(model),
+            "n_terms": stats["n_terms"],
+            "n_parent_links": stats["n_parent_links"],
         }
     organism_names = {o: sync_organism(o)["name"] for o in organisms}
     result["ontologies"]["Organism"] = {  # not bionty's NCBITaxon import (~2.7M terms)
