@@ -71,6 +71,7 @@ IMPLS = {  # configuration -> row label; ours-normal and seed are the baselines
     "ours-normal": f"ours normal (checkpoint_activations {BASE_CHECKPOINTING})",
     "seed": "seed (scprint 2.3.8, normal)",
 }
+DEFAULT_CONFIGS = "ours-sdpa,ours-normal,seed"
 OBJECTIVES = {
     "default": dict(noise=[0.6], mask_ratio=[], do_generate=True, do_cls=True),
     "all": dict(
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nhead", type=int, default=SHAPE["nhead"], help="attention heads")
     parser.add_argument(
         "--configs",
-        help=f"comma-separated subset of {','.join(IMPLS)} (default: all but ours-sdpa-ckpt)",
+        help=f"comma-separated subset of {','.join(IMPLS)} (default: {DEFAULT_CONFIGS})",
     )
     args = parser.parse_args(argv)
     B, L = (2, 256) if args.quick else (16, 2200)
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = make_inputs(args.workdir, B, L)
     shape = {**SHAPE, "nhead": args.nhead}
     figure = f"train step, small, {B}x{L} tokens"
-    wanted = set((args.configs or "ours-sdpa,ours-normal,seed").split(","))
+    wanted = set((args.configs or DEFAULT_CONFIGS).split(","))
 
     rows: list[Row] = []
     for objectives in ["default"] if args.quick else list(OBJECTIVES):
