@@ -54,13 +54,10 @@ ARGS = ["ontologies", "--source", "online", "--organism", HUMAN, "--out", "resul
 def store(tmp_path_factory):
     """An instance populated online from the stand-in store, then populated again."""
     workdir = new_instance(tmp_path_factory, "online")
+    # ontologies by (entity, source name); genes by (entity, organism)
     sources = {
-        (s.entity, s.name): s for s in current_sources(db(workdir)) if s.entity != "bionty.Gene"
-    }
-    sources |= {
-        ("bionty.Gene", s.organism): s
+        (s.entity, s.organism if s.entity == "bionty.Gene" else s.name): s
         for s in current_sources(db(workdir))
-        if s.entity == "bionty.Gene"
     }
     served = {}
     for spec in REGISTRIES:
