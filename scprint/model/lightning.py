@@ -59,70 +59,143 @@ class OptimParams:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * decay
 
 
+# upstream scPrint keys this network does not implement: the value(s) it accepts, and why
+UNSUPPORTED = {
+    "cell_specific_blocks": (False, "upstream v2's cross-attention cell transformer"),
+    "depth_atinput": (True, "upstream v2's depth in the expression decoder"),
+    "use_metacell_token": (False, "upstream v2's metacell token"),
+    "compress_class_dim": (None, "upstream v2's FSQ bottleneck of the class tokens"),
+    "zinb": (True, "a non-ZINB expression decoder"),
+    "prenorm": (True, "post-norm blocks"),
+    "fused_dropout_add_ln": (False, "triton kernel fusions (use transformer: flash)"),
+    "fused_mlp": (False, "triton kernel fusions"),
+    "fused_bias_fc": (False, "triton kernel fusions"),
+    "drop_path_rate": (0.0, "stochastic depth"),
+    "attn_bias": ("none", "attention biases"),
+    "expr_emb_style": ("continuous", "binned expression"),
+    "cell_emb_style": ("cls", "other cell-embedding pooling"),
+    "num_batch_labels": (0, "the adversarial batch discriminator"),
+}
+
+
 class ScPrintModule(L.LightningModule):
     def __init__(
         self,
         genes: list[str] | None = None,
+        organisms: list[str] | None = None,
         classes: dict[str, int] | None = None,
         labels_hierarchy: dict[str, dict[int, list[int]]] | None = None,
+        label_decoders: dict[str, dict[int, str]] | None = None,
         gene_positions: list[int] | None = None,
         gene_embeddings: str | None = None,
-        d_gene_emb: int | None = None,
         freeze_embeddings: bool = True,
         d_model: int = 128,
         nhead: int = 4,
         nlayers: int = 4,
+        num_heads_kv: int | None = None,
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
-        attention: str = "sdpa",
-        use_depth_token: bool = True,
+        transformer: Literal["sdpa", "flash", "normal"] = "sdpa",
+        residual_in_fp32: bool = True,
+        normalization: Literal["sum", "log"] = "sum",
+        expr_encoder_layers: int = 2,
+        layers_cls: list[int] | None = None,
+        mvc_decoder: Literal["None", "inner product"] = "None",
+        pred_embedding: list[str] | None = None,
         checkpoint_activations: bool | Literal["mlp"] = False,
+        checkpointing: bool = False,
+        cell_specific_blocks: bool = False,
+        depth_atinput: bool = True,
+        use_metacell_token: bool = False,
+        compress_class_dim: dict[str, int] | None = None,
+        zinb: bool = True,
+        prenorm: bool = True,
+        fused_dropout_add_ln: bool = False,
+        fused_mlp: bool = False,
+        fused_bias_fc: bool = False,
+        drop_path_rate: float = 0.0,
+        attn_bias: str = "none",
+        expr_emb_style: str = "continuous",
+        cell_emb_style: str = "cls",
+        num_batch_labels: int = 0,
     ):
-        """
+        """Upstream scPRINT's `model:` keys (same names, same meaning) plus ours.
+
         Args:
             genes: gene vocabulary (ensembl ids), index order of batch["genes"]. Linked from
                 the data module.
+            organisms: organism ontology ids of the collection (kept for export).
             classes: class name -> number of leaf labels, in batch["class"] column order.
             labels_hierarchy: class name -> {parent label code: [leaf codes]}.
-            gene_positions: genomic rank per gene; None turns the position encoding off.
-            gene_embeddings: parquet of gene embeddings (rows for ``genes``); None starts
-                from random vectors of width ``d_gene_emb`` (default d_model).
-            freeze_embeddings: keep the gene-embedding table fixed (True) or learn it.
+            label_decoders: class name -> {label code: label name}, so predictions and
+                exported checkpoints are readable.
+            gene_positions: genomic rank per gene (upstream's gene_pos_enc); None turns the
+                position encoding off.
+            gene_embeddings: parquet of gene embeddings (upstream's precpt_gene_emb), pooled
+                to d_model; None starts from random vectors.
+            freeze_embeddings: keep the gene table fixed (True) or learn it.
             d_model, nhead, nlayers, mlp_ratio: transformer width, heads, depth, MLP width.
-            dropout: on residual branches (never inside attention).
-            attention: flash (flash-attn, CUDA fp16/bf16), sdpa (torch fused) or normal.
-            use_depth_token: add a cell token that carries the cell's total counts.
+            num_heads_kv: key/value heads (grouped-query attention); None = nhead.
+            dropout: on input tokens, residual branches, encoders/decoders' hidden layers.
+            transformer: sdpa (torch fused, default), flash (flash-attn, CUDA fp16/bf16) or
+                normal (explicit softmax; drops attention weights in training, as upstream).
+            residual_in_fp32: keep the residual stream in fp32 under half precision.
+            normalization: expression input x / sum(x) ("sum") or log2(1 + x) ("log").
+            expr_encoder_layers: Linear layers of the expression and depth encoders.
+            layers_cls: hidden widths of each class head (upstream's small: [128]).
+            mvc_decoder: "inner product" adds upstream's MVC decoder (needed by do_mvc).
+            pred_embedding: classes whose tokens' mean is the predicted cell embedding
+                (empty: mean of all cell tokens).
             checkpoint_activations: in training, recompute in backward what would be kept
-                for it: same gradients, less activation memory (the figure that decides
-                which GPU a size needs). "mlp": each MLP's GELU and output projection (the
-                largest tensor a block keeps; ~1/5 less memory, little compute). true:
-                whole blocks, keeping only their inputs (~1/3 more compute).
+                for it: same gradients, less activation memory. "mlp": each MLP's GELU and
+                fc2 (~1/5 less memory, little compute). true: whole blocks (~1/3 more
+                compute).
+            checkpointing: upstream's recompute switch; true acts as
+                checkpoint_activations: true.
+            cell_specific_blocks ... num_batch_labels: upstream keys of features this
+                network does not have; only their off value is accepted (see UNSUPPORTED).
         """
         super().__init__()
         if not genes:
             raise ValueError("model.genes is empty: it is linked from the data module's gene list")
-        self.save_hyperparameters()
+        given = locals()
+        for key, (allowed, what) in UNSUPPORTED.items():
+            if given[key] != allowed:
+                raise ValueError(
+                    f"model.{key}={given[key]!r} is not supported: this network does not "
+                    f"implement {what}; leave it at {allowed!r}"
+                )
         classes = dict(classes or {})
+        for name in pred_embedding or []:
+            if name not in classes:
+                raise ValueError(
+                    f"model.pred_embedding names {name!r}, which is not a predicted class "
+                    f"({', '.join(classes) or 'none'}): list classes of data.clss_to_predict"
+                )
+        self.save_hyperparameters()
+        table = None
         if gene_embeddings is not None:
             table = torch.from_numpy(read_gene_embeddings(gene_embeddings, list(genes)))
-            d_gene_emb = table.shape[1]
-        else:
-            table, d_gene_emb = None, d_gene_emb or d_model
-        self.hparams.d_gene_emb = d_gene_emb  # so a checkpoint reloads without the parquet
+        if checkpointing and checkpoint_activations is False:
+            checkpoint_activations = True
         cfg = ScPrintConfig(
             n_genes=len(genes),
-            d_gene_emb=d_gene_emb,
             classes=classes,
             d_model=d_model,
             nhead=nhead,
             nlayers=nlayers,
+            num_heads_kv=num_heads_kv,
             mlp_ratio=mlp_ratio,
             dropout=dropout,
-            attention=attention,
-            use_depth_token=use_depth_token,
-            checkpoint_activations=checkpoint_activations,
+            attention=transformer,
+            residual_in_fp32=residual_in_fp32,
+            normalization=normalization,
+            expr_encoder_layers=expr_encoder_layers,
+            layers_cls=list(layers_cls or []),
+            mvc_decoder=mvc_decoder,
             use_positions=gene_positions is not None,
             freeze_embeddings=freeze_embeddings,
+            checkpoint_activations=checkpoint_activations,
         )
         positions = torch.tensor(gene_positions) if gene_positions is not None else None
         self.net = ScPrint(cfg, table, positions)
@@ -188,7 +261,16 @@ class ScPrintModule(L.LightningModule):
         """Cell embedding and most likely leaf label per class of each cell."""
         cell_states, _ = self.net.encode(batch["genes"].long(), batch["x"], batch.get("depth"))
         preds = {f"pred/{k}": v.argmax(-1) for k, v in self.net.classify(cell_states).items()}
-        return {"cell_emb": self.net.cell_embedding(cell_states), **preds}
+        return {"cell_emb": self.cell_embedding(cell_states), **preds}
+
+    def cell_embedding(self, cell_states: torch.Tensor) -> torch.Tensor:
+        """(B, D), as upstream's predictions: the mean of the pred_embedding classes' tokens
+        (all classes' when empty); of all cell tokens for a model without classes."""
+        names = list(self.net.cfg.classes)
+        chosen = self.hparams.get("pred_embedding") or names
+        if not chosen:
+            return self.net.cell_embedding(cell_states)
+        return cell_states[:, [2 + names.index(n) for n in chosen]].mean(dim=1)
 
     # ---- optimizer, written once ------------------------------------------------------
     def configure_optimizers(self):
@@ -197,7 +279,7 @@ class ScPrintModule(L.LightningModule):
             if not p.requires_grad:
                 continue
             # weight matrices decay; biases, norms, embeddings and learned tokens do not
-            matrix = p.ndim >= 2 and "gene_table" not in name and "cell_tokens" not in name
+            matrix = p.ndim >= 2 and "gene_encoder" not in name and "class_encoder" not in name
             (decay if matrix else no_decay).append(p)
         groups = [
             {"params": decay, "weight_decay": self.optim.weight_decay},

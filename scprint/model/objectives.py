@@ -69,16 +69,20 @@ def set_trainable(net: ScPrint, obj: Objectives) -> None:
     """Freeze the modules no active objective uses, so every trainable parameter gets a
     gradient each step (plain DDP, no find_unused_parameters) and the optimizer skips them."""
     on = obj.active()
+    if on["mvc"] and net.mvc_decoder is None:
+        raise ValueError(
+            "scprint_training.do_mvc is on but the model has no MVC decoder: set "
+            "model.mvc_decoder: 'inner product' (or do_mvc: false)"
+        )
     usage = {
         net.expr_decoder: on["denoise"] or on["mask"] or on["generate"],
-        net.mvc_query: on["mvc"],
-        net.mvc_decoder: on["mvc"],
-        net.classifiers: on["cls"],
+        net.cls_decoders: on["cls"],
     }
+    if net.mvc_decoder is not None:
+        usage[net.mvc_decoder] = on["mvc"]
     for module, used in usage.items():
         module.requires_grad_(used)
-    net.mask_embedding.requires_grad_(on["mask"])
-    net.gene_table.weight.requires_grad_(not net.cfg.freeze_embeddings)
+    net.gene_encoder.embeddings.weight.requires_grad_(not net.cfg.freeze_embeddings)
 
 
 def downsample(counts: torch.Tensor, noise: float) -> torch.Tensor:
@@ -101,7 +105,7 @@ def compute_losses(
     if not views:  # only cell-level objectives: the encoder sees the cell as is
         views = [("plain", x, None)]
 
-    identity = net.gene_identity(genes)  # (B, L, D), shared by every pass of this step
+    identity = net.gene_identity(genes)  # 2 x (B, L, D), shared by every pass of this step
     terms: dict[str, list[torch.Tensor]] = {}
     cell_embs, first_cell_states = [], None
     for kind, seen, mask in views:

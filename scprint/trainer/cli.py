@@ -63,6 +63,8 @@ class ScprintCLI(LightningCLI):
             ("data.genes", "model.genes"),
             ("data.classes", "model.classes"),
             ("data.labels_hierarchy", "model.labels_hierarchy"),
+            ("data.label_decoders", "model.label_decoders"),
+            ("data.organisms", "model.organisms"),
             ("data.gene_pos", "model.gene_positions"),
         ]:
             parser.link_arguments(source, target, apply_on="instantiate")

@@ -168,6 +168,19 @@ class ScprintDataModule(L.LightningDataModule):
             for name, tree in self.inner.labels_hierarchy.items()
         }
 
+    @property
+    def label_decoders(self) -> dict[str, dict[int, str]]:
+        """class name -> {label code: label name}, for readable predictions and export."""
+        return {
+            name: {int(code): str(label) for code, label in dec.items()}
+            for name, dec in self.inner.decoders.items()
+            if name in self.inner.classes
+        }
+
+    @property
+    def organisms(self) -> list[str]:
+        return sorted(str(o) for o in self.inner.dataset.organisms)
+
     # ---- Lightning hooks ------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.inner.idx_full is None:
