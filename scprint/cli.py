@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "gene-positions": ("scprint.embeddings.positions", "genomic rank of every gene"),
     "gene-embeddings": ("scprint.embeddings.esm", "ESM2 protein embeddings per gene"),
     "tiny-esm": ("scprint.embeddings.esm_tiny", "save a tiny random ESM2 model (demo/tests)"),
+    "convert": ("scprint.model.convert", "checkpoints to/from upstream scPRINT 2.3.8 (.ckpt)"),
     "train-run": ("scprint.trainer.run", "run `scprint fit` for the workflow and summarise it"),
 }
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
