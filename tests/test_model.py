@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scprint.model import losses
-from scprint.model.model import ScPrint, ScPrintConfig, sinusoid
+from scprint.model.model import ScPrint, ScPrintConfig
 from scprint.model.objectives import Objectives, compute_losses, set_trainable
 
 torch.set_num_threads(1)  # the CI machine has 2 shared cores: threads only contend
@@ -20,17 +20,16 @@ HIERARCHY = {"cell_type": {3: [0, 1]}}  # code 3 is a parent of leaves 0 and 1
 def tiny_net(attention="sdpa", dropout=0.0, **kw) -> ScPrint:
     cfg = ScPrintConfig(
         n_genes=40,
-        d_gene_emb=12,
         classes=CLASSES,
         d_model=32,
         nhead=4,
         nlayers=2,
         attention=attention,
         dropout=dropout,
-        **kw,
+        **{"mvc_decoder": "inner product", "layers_cls": [16], **kw},
     )
     torch.manual_seed(0)
-    return ScPrint(cfg, torch.randn(40, 12), torch.arange(40) // 3)
+    return ScPrint(cfg, torch.randn(40, 48), 1 + torch.arange(40) // 3)
 
 
 def tiny_batch(B=8, L=20, seed=1) -> dict:
@@ -56,7 +55,7 @@ def test_attention_backends_agree_on_the_same_weights():
         outs[backend] = torch.cat([cell, genes], 1)
         # gradients agree too, not only the forward pass
         outs[backend].square().mean().backward()
-        outs[backend + "_grad"] = net.blocks[0].attn.qkv.weight.grad.clone()
+        outs[backend + "_grad"] = net.transformer.blocks[0].mixer.Wqkv.weight.grad.clone()
     torch.testing.assert_close(outs["sdpa"], outs["normal"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(outs["sdpa_grad"], outs["normal_grad"], atol=1e-5, rtol=1e-4)
 
@@ -73,7 +72,7 @@ def test_flash_backend_refuses_cpu_clearly():
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(ValueError, match="choose one of flash, sdpa, normal"):
+    with pytest.raises(ValueError, match="attention='xformers' is not supported"):
         tiny_net("xformers")
 
 
@@ -106,11 +105,12 @@ def test_frozen_embeddings_stay_fixed_learned_ones_move():
         net = tiny_net(freeze_embeddings=freeze)
         obj = Objectives()
         set_trainable(net, obj)
-        before = net.gene_table.weight.detach().clone()
+        table = net.gene_encoder.embeddings.weight
+        before = table.detach().clone()
         opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1.0)
         compute_losses(net, tiny_batch(), obj, sets())["loss"].backward()
         opt.step()
-        assert torch.equal(before, net.gene_table.weight) == freeze
+        assert torch.equal(before, table) == freeze
 
 
 def test_zinb_nll_matches_a_negative_binomial_when_not_zero_inflated():
@@ -162,34 +162,62 @@ def test_cce_needs_two_views():
         Objectives(noise=[0.5], do_cce=True)
 
 
-def test_depth_token_is_optional():
-    net = tiny_net(use_depth_token=False)
-    assert net.cfg.n_cell_tokens == 1 + len(CLASSES)
+def test_token_order_and_the_depth_token():
+    """[depth, cell, classes...] as upstream; the depth token carries log2(1 + depth)."""
+    net = tiny_net()
+    assert net.cfg.n_cell_tokens == 2 + len(CLASSES)
     batch = tiny_batch()
-    cell, _ = net.encode(batch["genes"].long(), batch["x"])
-    assert cell.shape == (8, 3, 32)
-    deep = tiny_net()
-    other = copy.deepcopy(batch)
-    other["depth"] = other["depth"] * 10
-    a, _ = deep.encode(batch["genes"].long(), batch["x"], batch["depth"])
-    b, _ = deep.encode(batch["genes"].long(), batch["x"], other["depth"])
-    assert not torch.allclose(a, b)  # the depth token carries the depth
+    a, _ = net.encode(batch["genes"].long(), batch["x"], batch["depth"])
+    assert a.shape == (8, 4, 32)
+    b, _ = net.encode(batch["genes"].long(), batch["x"], batch["depth"] * 10)
+    assert not torch.allclose(a, b)
+    logits = net.classify(a)
+    torch.testing.assert_close(logits["cell_type"], net.cls_decoders["cell_type"](a[:, 3]))
+
+
+def test_positions_are_interleaved_sin_cos_of_rank_minus_one():
+    net = tiny_net()
+    pe = net.pos_encoder.pe  # (n_genes, 1, D): upstream's buffer
+    assert pe.shape == (40, 1, 32)
+    rank = 1 + 7 // 3  # gene 7's rank
+    div = torch.exp(torch.arange(0, 32, 2) * (-torch.log(torch.tensor(10_000.0)) / 32))
+    torch.testing.assert_close(pe[7, 0, 0::2], torch.sin((rank - 1) * div))
+    torch.testing.assert_close(pe[7, 0, 1::2], torch.cos((rank - 1) * div))
+
+
+def test_grouped_query_attention_is_attention_with_repeated_kv_heads():
+    """num_heads_kv=2 of 4 heads: the same as plain attention whose K/V weights repeat
+    each K/V head for its 2 query heads (what upstream's GQA does)."""
+    batch = tiny_batch()
+    gqa = tiny_net(num_heads_kv=2)
+    plain = tiny_net()
+    state = gqa.state_dict()
+    Dh, H, Hkv = 8, 4, 2
+    for name in [k for k in state if k.endswith("Wqkv.weight") or k.endswith("Wqkv.bias")]:
+        w = state[name]
+        q, kv = w[: H * Dh], w[H * Dh :].reshape(2, Hkv, Dh, *w.shape[1:])
+        state[name] = torch.cat([q, kv.repeat_interleave(H // Hkv, dim=1).flatten(0, 2)])
+    plain.load_state_dict(state)
+    args = batch["genes"].long(), batch["x"], batch["depth"]
+    torch.testing.assert_close(gqa.encode(*args)[0], plain.encode(*args)[0])
+    assert gqa.transformer.blocks[0].mixer.Wqkv.weight.shape == (32 + 2 * 16, 32)
 
 
 def test_gene_identity_over_distinct_genes_equals_per_token():
-    """The step projects each distinct gene once and gathers; values and gradients are those
-    of projecting every token."""
-    net = tiny_net()
+    """The step looks each distinct gene up once and gathers; values and gradients are those
+    of looking every token up."""
+    net = tiny_net(freeze_embeddings=False)
     genes = tiny_batch()["genes"].long()  # genes repeat across cells
-    got = net.gene_identity(genes)
-    got.square().sum().backward()
-    grad = net.gene_proj.weight.grad.clone()
+    emb, ident = net.gene_identity(genes)
+    (emb.square().sum() + ident.square().sum()).backward()
+    table = net.gene_encoder.embeddings.weight
+    grad = table.grad.clone()
     net.zero_grad()
-    pos = sinusoid(net.gene_pos[genes], 32)
-    want = net.gene_proj(net.gene_table(genes)) + pos
-    want.square().sum().backward()
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(grad, net.gene_proj.weight.grad)
+    want = net.gene_encoder(genes)
+    (want.square().sum() + (want + net.pos_encoder(genes)).square().sum()).backward()
+    torch.testing.assert_close(emb, want)
+    torch.testing.assert_close(ident, want + net.pos_encoder(genes))
+    torch.testing.assert_close(grad, table.grad)
 
 
 def saved_bytes(fn, *args):
@@ -230,8 +258,8 @@ def test_checkpoint_activations_same_gradients_less_saved_memory():
     assert kept[True] < 0.5 * kept[False], kept
     # "mlp" drops at least every GELU output: count them in a training pass
     net, gelu_output_bytes = tiny_net(dropout=0.2), []
-    for block in net.blocks:
-        block.mlp[1].register_forward_hook(
+    for block in net.transformer.blocks:
+        block.mlp.activation.register_forward_hook(
             lambda mod, inp, out: gelu_output_bytes.append(out.numel() * out.element_size())
         )
     set_trainable(net, obj)
@@ -246,5 +274,5 @@ def test_checkpoint_activations_same_gradients_less_saved_memory():
         args = batch["genes"].long(), batch["x"], batch["depth"]
         kept_eval.append(saved_bytes(net.encode, *args)[0])
     assert kept_eval[0] == kept_eval[1] == kept_eval[2] > 0
-    with pytest.raises(ValueError, match="checkpoint_activations='blocks'"):
+    with pytest.raises(ValueError, match="checkpoint_activations='blocks' is not supported"):
         tiny_net(checkpoint_activations="blocks")
