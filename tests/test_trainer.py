@@ -37,7 +37,7 @@ def module(**kw) -> ScPrintModule:
     torch.manual_seed(0)
     args = dict(
         genes=GENES, classes=CLASSES, labels_hierarchy=HIERARCHY, gene_positions=list(range(30)),
-        d_model=16, nhead=2, nlayers=1, d_gene_emb=8, dropout=0.0,
+        d_model=16, nhead=2, nlayers=1, dropout=0.0, mvc_decoder="inner product",
     )  # fmt: skip
     return ScPrintModule(**{**args, **kw})
 
@@ -122,9 +122,8 @@ def test_scheduler_steps_once_per_step_with_warmup_then_cosine():
 def test_callback_freezes_unused_modules_and_optimizer_skips_them():
     model, trainer = fit(TrainingMode(do_mvc=False, mask_ratio=[]), steps=1)
     assert not any(p.requires_grad for p in model.net.mvc_decoder.parameters())
-    assert not model.net.mask_embedding.requires_grad
     in_optimizer = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
-    assert id(model.net.mask_embedding) not in in_optimizer
+    assert not {id(p) for p in model.net.mvc_decoder.parameters()} & in_optimizer
     assert all(id(p) in in_optimizer for p in model.parameters() if p.requires_grad)
 
 
@@ -133,7 +132,7 @@ def test_weight_decay_only_on_weight_matrices():
     decayed, plain = trainer.optimizers[0].param_groups
     assert decayed["weight_decay"] == 0.3 and plain["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in decayed["params"])
-    assert any(p is model.net.cell_tokens for p in plain["params"])
+    assert any(p is model.net.class_encoder.embedding.weight for p in plain["params"])
 
 
 def test_losses_are_logged_by_name():
@@ -149,16 +148,48 @@ MODEL_KEYS = {
     "d_model": 32,
     "nhead": 4,
     "nlayers": 2,
+    "num_heads_kv": 1,
     "mlp_ratio": 2.0,
     "dropout": 0.5,
-    "attention": "normal",
-    "use_depth_token": False,
+    "transformer": "normal",
+    "residual_in_fp32": False,
+    "normalization": "log",
+    "expr_encoder_layers": 3,
+    "layers_cls": [8],
+    "mvc_decoder": "None",
+    "pred_embedding": ["cell_type"],
     "freeze_embeddings": False,
-    "d_gene_emb": 4,
     "gene_positions": None,
     "classes": {"organism": 2},
     "labels_hierarchy": {},
 }
+# keys that describe the data, not the network: kept in checkpoints (export, readable
+# predictions), tested in test_upstream_convert.py / test_fit.py
+DATA_KEYS = {"genes", "organisms", "label_decoders", "gene_embeddings"}
+# recomputation: same outputs by design, see test_checkpoint_activations_key_reaches_the_network
+RECOMPUTE_KEYS = {"checkpoint_activations", "checkpointing"}
+
+
+def test_every_model_key_is_covered():
+    import inspect
+
+    from scprint.model.lightning import UNSUPPORTED
+
+    params = set(inspect.signature(ScPrintModule.__init__).parameters) - {"self"}
+    covered = set(MODEL_KEYS) | DATA_KEYS | RECOMPUTE_KEYS | set(UNSUPPORTED)
+    assert params == covered, params ^ covered
+
+
+@pytest.mark.parametrize("key", ["cell_specific_blocks", "compress_class_dim", "depth_atinput"])
+def test_upstream_v2_keys_are_refused_by_name(key):
+    value = {"cell_specific_blocks": True, "compress_class_dim": {"cell_type": 4}}.get(key, False)
+    with pytest.raises(ValueError, match=f"model.{key}=.* is not supported"):
+        module(**{key: value})
+
+
+def test_pred_embedding_must_name_a_class():
+    with pytest.raises(ValueError, match="pred_embedding names 'tissue'"):
+        module(pred_embedding=["tissue"])
 
 
 def model_fingerprint(model: ScPrintModule, train: bool) -> torch.Tensor:
@@ -179,31 +210,47 @@ def test_model_key_changes_the_model(key):
     if key == "freeze_embeddings":
         ref.setup("fit"), changed.setup("fit")
         assert (
-            ref.net.gene_table.weight.requires_grad != changed.net.gene_table.weight.requires_grad
+            ref.net.gene_encoder.embeddings.weight.requires_grad
+            != changed.net.gene_encoder.embeddings.weight.requires_grad
         )
         return
     shapes = [p.shape for p in ref.parameters()], [p.shape for p in changed.parameters()]
     if shapes[0] != shapes[1]:
         return
-    if key == "attention":  # same weights, same maths: the point is the kernel it uses
-        assert changed.net.blocks[0].attn.backend == "normal"
+    if key == "transformer":  # same weights, same maths: the point is the kernel it uses
+        assert changed.net.transformer.blocks[0].mixer.backend == "normal"
+        return
+    if key == "residual_in_fp32":  # acts in half precision only: the stream's dtype
+        x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+        for m, want in ((ref, torch.float32), (changed, torch.bfloat16)):
+            m.net.transformer.to(torch.bfloat16)
+            m.net.transformer.blocks[0].register_forward_hook(
+                lambda mod, inp, out, want=want: assert_dtype(out, want)
+            )
+            m.net.transformer(x)
         return
     changed.load_state_dict(ref.state_dict(), strict=False)  # gene_pos buffer may be absent
     a, b = model_fingerprint(ref, train=True), model_fingerprint(changed, train=True)
     assert not torch.allclose(a, b), f"model.{key} had no effect"
 
 
+def assert_dtype(t: torch.Tensor, want: torch.dtype) -> None:
+    assert t.dtype == want
+
+
 def test_gene_embeddings_parquet_fills_the_table(tmp_path):
     import numpy as np
     import pandas as pd
 
-    table = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    table = np.random.default_rng(0).normal(size=(30, 32)).astype(np.float32)
     index = pd.Index(GENES[::-1], name="ensembl_gene_id")  # other order than the vocabulary
-    pd.DataFrame(table, index=index, columns=[str(i) for i in range(8)]).to_parquet(
+    pd.DataFrame(table, index=index, columns=[str(i) for i in range(32)]).to_parquet(
         tmp_path / "emb.parquet"
     )
-    model = module(gene_embeddings=str(tmp_path / "emb.parquet"), d_gene_emb=None)
-    torch.testing.assert_close(model.net.gene_table.weight[0], torch.from_numpy(table[-1]))
+    model = module(gene_embeddings=str(tmp_path / "emb.parquet"))
+    # width 32 pooled to d_model 16 as upstream (AdaptiveAvgPool1d): means of pairs
+    pooled = torch.from_numpy(table[-1]).reshape(16, 2).mean(1)
+    torch.testing.assert_close(model.net.gene_encoder.embeddings.weight[0], pooled)
     with pytest.raises(Exception, match="have no row"):
         module(genes=[*GENES, "EXTRA"], gene_embeddings=str(tmp_path / "emb.parquet"))
 
@@ -214,4 +261,6 @@ def test_checkpoint_activations_key_reaches_the_network():
     assert module().net.cfg.checkpoint_activations is False
     assert module(checkpoint_activations=True).net.cfg.checkpoint_activations is True
     net = module(checkpoint_activations="mlp").net
-    assert all(block.mlp.recompute for block in net.blocks)
+    assert all(block.mlp.recompute for block in net.transformer.blocks)
+    # upstream's checkpointing key recomputes too (whole blocks here)
+    assert module(checkpointing=True).net.cfg.checkpoint_activations is True
