@@ -92,8 +92,17 @@ TRAINING_KEYS = {
 def test_every_training_key_is_covered():
     import inspect
 
+    from scprint.trainer.trainer import UPSTREAM_REFUSED
+
     keys = set(inspect.signature(TrainingMode.__init__).parameters) - {"self", "name"}
-    assert keys == set(TRAINING_KEYS)  # `name` is covered in test_fit (logger run name)
+    # `name` is covered in test_fit (logger run name); refused keys below
+    assert keys == set(TRAINING_KEYS) | set(UPSTREAM_REFUSED)
+
+
+@pytest.mark.parametrize("key", ["run_full_forward", "zinb_and_mse", "var_context_length"])
+def test_upstream_training_keys_we_lack_are_refused_by_name(key):
+    with pytest.raises(ValueError, match=f"scprint_training.{key}=True is not supported"):
+        TrainingMode(**{key: True})
 
 
 @pytest.mark.parametrize("key", sorted(TRAINING_KEYS))

@@ -16,6 +16,15 @@ from scprint.model.lightning import OptimParams, ScPrintModule
 from scprint.model.objectives import Objectives
 
 
+# upstream scprint_training keys (its base configs) this pipeline refuses unless false
+UPSTREAM_REFUSED = {
+    "run_full_forward": "extra forward pass on the un-noised cells each step",
+    "zinb_and_mse": "MSE term added to the ZINB loss",
+    "var_context_length": "random context length every 5 steps",
+    "randsamp": "random-rate downsampling",
+}
+
+
 class TrainingMode(L.Callback):
     def __init__(
         self,
@@ -42,6 +51,10 @@ class TrainingMode(L.Callback):
         ecs_scale: float = 1.0,
         cce_temp: float = 0.2,
         ecs_threshold: float = 0.3,
+        run_full_forward: bool = False,
+        zinb_and_mse: bool = False,
+        var_context_length: bool = False,
+        randsamp: bool = False,
     ):
         """
         Args:
@@ -65,8 +78,18 @@ class TrainingMode(L.Callback):
             *_scale: weight of each loss term in the total.
             cce_temp: temperature of the contrastive softmax.
             ecs_threshold: the cosine similarity ECS pushes away from.
+            run_full_forward, zinb_and_mse, var_context_length, randsamp: upstream scPRINT
+                keys of training procedures this pipeline does not have; only false is
+                accepted (see UPSTREAM_REFUSED).
         """
         super().__init__()
+        given = locals()
+        for key, what in UPSTREAM_REFUSED.items():
+            if given[key]:
+                raise ValueError(
+                    f"scprint_training.{key}={given[key]!r} is not supported: this pipeline "
+                    f"does not implement upstream's {what}; set it to false"
+                )
         self.name = name
         self.optim = OptimParams(
             lr=lr,
