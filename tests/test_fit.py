@@ -198,8 +198,12 @@ def test_checkpoint_reloads_without_collection_or_parquet(workdir, tmp_path):
     module = ScPrintModule.load(src)
     genes = module.hparams.genes
     assert len(genes) == 180
-    ref = load(src)["state_dict"]["net.gene_table.weight"]
-    torch.testing.assert_close(module.net.gene_table.weight, ref)
+    # what an upstream export needs rides along: label names and organisms
+    names = module.hparams.label_decoders["organism_ontology_term_id"]
+    assert "NCBITaxon:9606" in names.values()
+    assert "NCBITaxon:9606" in module.hparams.organisms
+    ref = load(src)["state_dict"]["net.gene_encoder.embeddings.weight"]
+    torch.testing.assert_close(module.net.gene_encoder.embeddings.weight, ref)
     batch = {
         "x": torch.poisson(torch.full((3, 20), 2.0)),
         "genes": torch.arange(20).repeat(3, 1).int(),
@@ -231,6 +235,37 @@ def test_print_config_merges_configs_in_order(workdir):
     assert cfg["model"]["nhead"] == 16  # command line beats the yaml
     assert cfg["data"]["batch_size"] == 32  # large yaml beats base
     assert cfg["trainer"]["gradient_clip_val"] == 100  # base survives
+
+
+def test_upstream_docs_command_line_and_size_files(workdir, tmp_path):
+    """The pre-training docs' command line, and an upstream-style size file (its keys
+    written here), parse over our base.yml with upstream's meaning."""
+    upstream_small = tmp_path / "pretrain_small.yml"
+    upstream_small.write_text(
+        "model:\n  nhead: 2\n  nlayers: 4\n  layers_cls: [128]\n  d_model: 128\n"
+        "data:\n  collection_name: all no zhang13M\n"
+    )
+    for size_file, nhead in ((REPO / "config/pretrain_small.yml", 8), (upstream_small, 8)):
+        proc = run_cli(
+            [
+                "fit", "--config", REPO / "config/base.yml", "--config", size_file,
+                "--model.transformer", "flash", "--model.mvc_decoder", "inner product",
+                "--model.residual_in_fp32", "true", "--model.nhead", str(nhead),
+                "--scprint_training.name", "o2uniqsx", "--trainer.strategy", "auto",
+                "--print_config",
+            ],  # fmt: skip
+            cwd=workdir,
+        )
+        import yaml
+
+        cfg = yaml.safe_load(proc.stdout)
+        model = cfg["model"]
+        assert (model["d_model"], model["nlayers"], model["layers_cls"]) == (128, 4, [128])
+        assert model["nhead"] == nhead and model["transformer"] == "flash"
+        assert model["mvc_decoder"] == "inner product" and model["residual_in_fp32"] is True
+        assert cfg["scprint_training"]["name"] == "o2uniqsx"
+    small = yaml.safe_load((REPO / "config/pretrain_small.yml").read_text())["model"]
+    assert (small["nhead"], small["layers_cls"]) == (2, [128])  # upstream's small
 
 
 def test_unknown_collection_is_a_clear_error(workdir):

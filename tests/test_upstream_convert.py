@@ -45,9 +45,7 @@ def seed_python() -> Path:
     venv = Path(os.environ.get("SCPRINT_SEED_VENV", REPO / ".bench-venv-seed"))
     python = venv / "bin" / "python"
     if not (venv / ".installed").exists() or not python.exists():
-        message = (
-            f"upstream scPRINT venv {venv} is missing: build it with `make bench-seed-venv`"
-        )
+        message = f"upstream scPRINT venv {venv} is missing: build it with `make bench-seed-venv`"
         if os.environ.get("SCPRINT_REQUIRE_UPSTREAM") == "1":
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
@@ -96,7 +94,9 @@ def assert_same(ours: dict, ref: np.lib.npyio.NpzFile) -> None:
 
 def test_upstream_checkpoint_imports_with_the_same_outputs(upstream_model, tmp_path):
     ours = tmp_path / "ours.ckpt"
-    assert scprint_main(["convert", "import", str(upstream_model / "upstream.ckpt"), str(ours)]) == 0
+    assert (
+        scprint_main(["convert", "import", str(upstream_model / "upstream.ckpt"), str(ours)]) == 0
+    )
     module = ScPrintModule.load(ours)
     n_ours = sum(p.numel() for p in module.net.parameters())
     ref = np.load(upstream_model / "upstream.npz")
@@ -108,7 +108,9 @@ def test_upstream_checkpoint_imports_with_the_same_outputs(upstream_model, tmp_p
 
 def test_our_checkpoint_exports_to_upstream_with_the_same_outputs(upstream_model, tmp_path):
     ours, back = tmp_path / "ours.ckpt", tmp_path / "back.ckpt"
-    assert scprint_main(["convert", "import", str(upstream_model / "upstream.ckpt"), str(ours)]) == 0
+    assert (
+        scprint_main(["convert", "import", str(upstream_model / "upstream.ckpt"), str(ours)]) == 0
+    )
     # train one step here so the exported weights are ours, not the imported ones
     module = ScPrintModule.load(ours)
     with torch.no_grad():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -253,7 +254,12 @@ class ContinuousValueEncoder(nn.Module):
         self.max_value = max_value
         mods: list[nn.Module] = [nn.Linear(1, d_model)]
         for _ in range(layers - 1):
-            mods += [nn.LayerNorm(d_model), nn.ReLU(), Dropout(dropout), nn.Linear(d_model, d_model)]
+            mods += [
+                nn.LayerNorm(d_model),
+                nn.ReLU(),
+                Dropout(dropout),
+                nn.Linear(d_model, d_model),
+            ]
         self.encoder = nn.Sequential(*mods)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -323,8 +329,10 @@ class ClsDecoder(nn.Module):
         super().__init__()
         widths = [d_model, *layers]
         self.decoder = nn.Sequential()
-        for d_in, d_out in zip(widths[:-1], widths[1:]):
-            self.decoder.extend([nn.Linear(d_in, d_out), nn.LayerNorm(d_out), nn.ReLU(), Dropout(dropout)])
+        for d_in, d_out in pairwise(widths):
+            self.decoder.extend(
+                [nn.Linear(d_in, d_out), nn.LayerNorm(d_out), nn.ReLU(), Dropout(dropout)]
+            )
         self.out_layer = nn.Linear(widths[-1], n_cls)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, K)
@@ -368,7 +376,10 @@ class ScPrint(nn.Module):
         self.transformer = Transformer(cfg)
         self.expr_decoder = ExprDecoder(D, cfg.dropout)
         self.cls_decoders = nn.ModuleDict(
-            {name: ClsDecoder(D, n, list(cfg.layers_cls), cfg.dropout) for name, n in cfg.classes.items()}
+            {
+                name: ClsDecoder(D, n, list(cfg.layers_cls), cfg.dropout)
+                for name, n in cfg.classes.items()
+            }
         )
         self.mvc_decoder = MVCDecoder(D) if cfg.mvc_decoder == "inner product" else None
         self._init_weights()
@@ -465,7 +476,8 @@ class ScPrint(nn.Module):
     def classify(self, cell_states: torch.Tensor) -> dict[str, torch.Tensor]:
         """Class token i (token 2 + i) -> leaf logits (B, K_i) for class i."""
         return {
-            name: head(cell_states[:, 2 + i]) for i, (name, head) in enumerate(self.cls_decoders.items())
+            name: head(cell_states[:, 2 + i])
+            for i, (name, head) in enumerate(self.cls_decoders.items())
         }
 
     @staticmethod

@@ -48,6 +48,11 @@ class ScprintDataModule(L.LightningDataModule):
         num_workers: int = 4,
         sampler_workers: int | None = None,
         store_location: str | None = None,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        metacell_mode: float = 0.0,
+        add_zero_genes: int = 0,
+        do_gene_pos: str | None = None,
     ):
         """
         Args:
@@ -72,8 +77,28 @@ class ScprintDataModule(L.LightningDataModule):
             batch_size, num_workers: of every DataLoader.
             sampler_workers: processes building the weighted sampler's index (None: auto).
             store_location: folder caching the split and sampler indices between runs.
+            pin_memory, prefetch_factor: of every DataLoader (prefetch only with workers).
+            metacell_mode, add_zero_genes, do_gene_pos: upstream scPRINT keys this pipeline
+                does not implement (metacells, extra zero genes, upstream's position file:
+                use gene_positions); only their off value is accepted.
         """
         super().__init__()
+        refused = {
+            "metacell_mode": (metacell_mode, 0.0, "metacell sampling"),
+            "add_zero_genes": (add_zero_genes, 0, "extra unexpressed genes per cell"),
+            "do_gene_pos": (
+                do_gene_pos,
+                None,
+                "upstream's position file (set data.gene_positions)",
+            ),
+        }
+        for key, (value, off, what) in refused.items():
+            if value != off:
+                raise StageError(
+                    f"data.{key}={value!r} is not supported: this pipeline does not implement "
+                    f"upstream's {what}; leave it at {off!r}"
+                )
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         from scprint.data.lamin import connect
 
         ln = connect()
@@ -234,6 +259,8 @@ class ScprintDataModule(L.LightningDataModule):
             batch_size=self.inner.kwargs["batch_size"],
             num_workers=self.inner.kwargs["num_workers"],
             collate_fn=passthrough,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.inner.kwargs["num_workers"] else None,
         )
 
     def _weighted_sampler(self):

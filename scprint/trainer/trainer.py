@@ -15,7 +15,6 @@ import lightning as L
 from scprint.model.lightning import OptimParams, ScPrintModule
 from scprint.model.objectives import Objectives
 
-
 # upstream scprint_training keys (its base configs) this pipeline refuses unless false
 UPSTREAM_REFUSED = {
     "run_full_forward": "extra forward pass on the un-noised cells each step",

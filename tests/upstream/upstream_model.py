@@ -73,8 +73,6 @@ def build(out: Path) -> None:
 
 
 def forward(ckpt: Path, batch: Path, out: Path) -> None:
-    import numpy as np
-    import torch
 
     shim_torchvision()
     from scprint import scPrint
