@@ -148,9 +148,9 @@ def run_ours(
     table = torch.from_numpy(read_gene_embeddings(data["gene_emb"], data["genes"]))
     cfg = ScPrintConfig(
         n_genes=len(data["genes"]),
-        d_gene_emb=table.shape[1],
         classes=data["classes"],
         attention=attention,
+        mvc_decoder="inner product" if OBJECTIVES[objectives].get("do_mvc") else "None",
         **shape,
         **options,
     )

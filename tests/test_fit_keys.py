@@ -135,7 +135,7 @@ def test_wandblog_and_log_freq_choose_what_is_logged_and_how_often(runs):
     assert steps_logging(b, "gradients/") == []
     assert steps_logging(c, "gradients/") == steps_logging(c, "parameters/") == []  # null
     row = next(r for r in a if any(k.startswith("gradients/") for k in r))
-    assert any(k.startswith("gradients/net.blocks.0.attn") for k in row)
+    assert any(k.startswith("gradients/net.transformer.blocks.0.mixer") for k in row)
 
 
 def test_log_graph_logs_the_model_graph(runs):
@@ -145,7 +145,7 @@ def test_log_graph_logs_the_model_graph(runs):
     (run_dir,) = (runs / "logs/A/wandb").glob("offline-run-*")
     graph = json.loads((run_dir / "files" / graph_file).read_text())
     names = {node["name"] for node in graph["nodes"]}
-    assert any(n.startswith("net.blocks.0.") for n in names)  # modules the step ran
+    assert any(n.startswith("net.transformer.blocks.0.") for n in names)  # modules the step ran
     assert "graph_0" not in b["summary"]
 
 

@@ -49,7 +49,7 @@ def cells(B=8, L=256, seed=0, device="cpu") -> dict:
 
 def net(attention: str, d_model=64, nhead=2) -> ScPrint:
     cfg = ScPrintConfig(
-        n_genes=N_GENES, d_gene_emb=48, classes=CLASSES, d_model=d_model, nhead=nhead,
+        n_genes=N_GENES, classes=CLASSES, d_model=d_model, nhead=nhead,
         nlayers=2, attention=attention, dropout=0.0,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -103,8 +103,8 @@ def test_bf16_lightning_training_with_flash_learns_and_reloads_on_cpu(tmp_path):
     torch.manual_seed(0)
     module = ScPrintModule(
         genes=genes, classes=CLASSES, labels_hierarchy=HIERARCHY,
-        gene_positions=list(range(N_GENES)), d_gene_emb=32, d_model=64, nhead=2, nlayers=2,
-        dropout=0.0, attention="flash",
+        gene_positions=list(range(N_GENES)), d_model=64, nhead=2, nlayers=2,
+        dropout=0.0, transformer="flash",
     )  # fmt: skip
     data = [cells(B=16, seed=s) for s in range(4)]
     log = LossLog()
@@ -129,7 +129,7 @@ def test_bf16_lightning_training_with_flash_learns_and_reloads_on_cpu(tmp_path):
 
     path = tmp_path / "bf16-flash.ckpt"
     trainer.save_checkpoint(path)
-    reloaded = ScPrintModule.load(path, attention="sdpa")  # CPU, fp32, no flash-attn needed
+    reloaded = ScPrintModule.load(path, transformer="sdpa")  # CPU, fp32, no flash-attn needed
     batch = cells(B=16, seed=0)
     with torch.no_grad():
         cpu_emb = reloaded.predict_step(batch, 0)["cell_emb"]
