@@ -1,7 +1,7 @@
 """Model step on CPU: forward + backward + optimizer ms and peak RSS per batch.
 
 Figures (16 cells x 2,200 gene tokens, fp32, 2 CPU threads by default, the seed's small
-size: d_model 128, 4 layers, 2 heads; ``--nhead 4`` gives our pretrain_small.yml's heads):
+size: d_model 128, 4 layers, 2 heads, as our pretrain_small.yml since the parity work):
 ours with sdpa (with config/base.yml's ``checkpoint_activations``), and flash (a row saying
 it needs CUDA; bench/gpu.py measures it); baselines our ``normal`` backend and the seed's own model
 (PyPI ``scprint`` 2.3.8, from its own venv ``.bench-venv-seed``, made by ``make
@@ -14,7 +14,7 @@ bench-seed-venv``), each with two objective sets:
 
 How the seed is matched (its switches are attributes of its LightningModule): the same
 gene vocabulary, genomic positions, frozen gene-embedding table (a parquet of random
-1280-wide vectors; the seed average-pools it to d_model, ours projects it), the same six
+1280-wide vectors; both average-pool it to d_model), the same six
 classes (leaf labels only), ``transformer="normal"`` (its only CPU path; dropout 0.1 as
 ours), ``depth_atinput=True`` (a depth token, as ours), ``run_full_forward=False`` (so
 each view is one encoder pass, as ours). default: ``noise=[0.6], do_cls, do_generate``.
@@ -53,8 +53,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SEED_VENV = ROOT / ".bench-venv-seed"
 SEED_SCRIPT = Path(__file__).resolve().parent / "seed_step.py"
 
-# The seed's small config (its pretrain_small.yml: d_model 128, 4 layers, 2 heads; ours
-# has 4 heads, --nhead 4 measures that) and a realistic data side
+# The small config (upstream's and our pretrain_small.yml: d_model 128, 4 layers, 2 heads)
+# and a realistic data side
 SHAPE = dict(d_model=128, nhead=2, nlayers=4, dropout=0.1)
 SEED_ALL_MB = 20 * 1024  # the seed with every objective on passed this and was stopped
 N_GENES, D_GENE_EMB = 20_000, 1280
