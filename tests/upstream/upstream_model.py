@@ -1,9 +1,9 @@
 """Runs INSIDE the upstream venv (.bench-venv-seed: PyPI scprint 2.3.8), never in ours.
 
-    python -I tests/upstream/upstream_model.py build DIR
+    python -I tests/upstream/upstream_model.py build DIR [VARIANT]
     python -I tests/upstream/upstream_model.py forward CKPT BATCH OUT.npz
 
-``build`` makes a tiny upstream scPrint with every parameter perturbed (so no weight is
+``build`` makes a tiny upstream scPrint (VARIANT: see VARIANTS) with every parameter perturbed (so no weight is
 left at a trivial init), saves it with a Lightning Trainer (DIR/upstream.ckpt), writes a
 fixed batch (DIR/batch.npz) and the model's eval-mode outputs on it (DIR/upstream.npz).
 ``forward`` loads a .ckpt with upstream's ``scPrint.load_from_checkpoint`` (as users do)
@@ -27,9 +27,15 @@ from seed_step import shim_torchvision  # noqa: E402
 N_GENES, B, L = 60, 4, 24
 CLASSES = {"cell_type_ontology_term_id": 5, "organism_ontology_term_id": 2}
 HIERARCHY = {"cell_type_ontology_term_id": {5: [0, 1], 6: [2, 3, 4]}}
+# the docs' family ("sum" input, positions, MVC) and the other input normalisation with
+# grouped-query attention (2 K/V heads for 4 query heads) and no MVC decoder
+VARIANTS = {
+    "docs": dict(normalization="sum", mvc_decoder="inner product", num_heads_kv=None),
+    "log-gqa": dict(normalization="log", mvc_decoder="None", num_heads_kv=2),
+}
 
 
-def build(out: Path) -> None:
+def build(out: Path, variant: str = "docs") -> None:
     import lightning as L_
     import numpy as np
     import torch
@@ -46,15 +52,14 @@ def build(out: Path) -> None:
         nhead=4,
         nlayers=2,
         gene_pos_enc=[1 + i // 3 for i in range(N_GENES)],
-        normalization="sum",
         transformer="normal",
-        mvc_decoder="inner product",
         layers_cls=[16],
         classes=CLASSES,
         labels_hierarchy=HIERARCHY,
         label_decoders={k: {i: f"{k}:{i}" for i in range(n)} for k, n in CLASSES.items()},
         residual_in_fp32=True,
         dropout=0.1,
+        **VARIANTS[variant],
     )
     with torch.no_grad():  # move every weight off its trivial init (LN = 1, biases = 0)
         for p in model.parameters():
@@ -93,7 +98,7 @@ def dump(model, batch: Path, out: Path) -> None:
             torch.from_numpy(data["x"]),
             req_depth=torch.from_numpy(data["depth"]),
             do_class=True,
-            do_mvc=True,
+            do_mvc=model.mvc_decoder is not None,
         )
     arrays = {k: v.numpy() for k, v in res.items() if torch.is_tensor(v)}
     arrays["classes"] = np.array(list(model.label_counts))
@@ -103,7 +108,7 @@ def dump(model, batch: Path, out: Path) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "build":
-        build(Path(sys.argv[2]))
+        build(Path(sys.argv[2]), *sys.argv[3:])
     elif sys.argv[1] == "forward":
         forward(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
     else:
