@@ -16,7 +16,7 @@ from typing import Literal
 import lightning as L
 import torch
 
-from scprint.model import losses
+from scprint.model import losses, readout
 from scprint.model.genes import read_gene_embeddings
 from scprint.model.model import ScPrint, ScPrintConfig
 from scprint.model.objectives import Objectives, compute_losses, set_trainable
@@ -65,6 +65,7 @@ class ScPrintModule(L.LightningModule):
         genes: list[str] | None = None,
         classes: dict[str, int] | None = None,
         labels_hierarchy: dict[str, dict[int, list[int]]] | None = None,
+        label_decoders: dict[str, dict[int, str]] | None = None,
         gene_positions: list[int] | None = None,
         gene_embeddings: str | None = None,
         d_gene_emb: int | None = None,
@@ -84,6 +85,8 @@ class ScPrintModule(L.LightningModule):
                 the data module.
             classes: class name -> number of leaf labels, in batch["class"] column order.
             labels_hierarchy: class name -> {parent label code: [leaf codes]}.
+            label_decoders: class name -> {label code: name}, kept so that predictions
+                read as ontology ids. Linked from the data module.
             gene_positions: genomic rank per gene; None turns the position encoding off.
             gene_embeddings: parquet of gene embeddings (rows for ``genes``); None starts
                 from random vectors of width ``d_gene_emb`` (default d_model).
@@ -185,10 +188,13 @@ class ScPrintModule(L.LightningModule):
         self._step(batch, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Cell embedding and most likely leaf label per class of each cell."""
+        """Cell embedding and most likely leaf label per class of each cell: its code
+        (``pred/<class>``) and name (``pred/<class>/name``, from label_decoders)."""
         cell_states, _ = self.net.encode(batch["genes"].long(), batch["x"], batch.get("depth"))
         preds = {f"pred/{k}": v.argmax(-1) for k, v in self.net.classify(cell_states).items()}
-        return {"cell_emb": self.net.cell_embedding(cell_states), **preds}
+        decoders = self.hparams.get("label_decoders") or {}
+        names = {f"{k}/name": readout.label_names(v, decoders.get(k[5:])) for k, v in preds.items()}
+        return {"cell_emb": self.net.cell_embedding(cell_states), **preds, **names}
 
     # ---- optimizer, written once ------------------------------------------------------
     def configure_optimizers(self):
@@ -222,6 +228,7 @@ class ScPrintModule(L.LightningModule):
             "genes": list(self.hparams.genes),
             "classes": dict(self.hparams.classes or {}),
             "labels_hierarchy": self.hparams.labels_hierarchy,
+            "label_decoders": self.hparams.get("label_decoders"),
             "objectives": asdict(self.objectives),
             "optim": asdict(self.optim),
             "config": self.run_config,

@@ -11,7 +11,9 @@ Config sections (several ``--config`` files merge in order; ``--a.b value`` over
   positions are linked from the data module, gene_embeddings from data.gene_embeddings;
 - data: ScprintDataModule (scdataloader on a laminDB collection);
 - scprint_training: the TrainingMode callback (lr, optimizer, objectives, run name);
-- checkpoint: ModelCheckpoint (dirpath, every_n_train_steps, save_last, ...).
+- checkpoint: ModelCheckpoint (dirpath, every_n_train_steps, save_last, ...);
+- validation: ValidationMetrics (label accuracy, kNN, denoising score on the validation
+  split at the end of each validation loop).
 W&B runs offline unless WANDB_MODE says otherwise.
 """
 
@@ -32,6 +34,7 @@ from scprint.io import StageError
 from scprint.model.lightning import ScPrintModule
 from scprint.trainer.datamodule import ScprintDataModule
 from scprint.trainer.trainer import TrainingMode
+from scprint.trainer.validation import ValidationMetrics
 from scprint.trainer.watch import WatchModel
 
 log = logging.getLogger(__name__)
@@ -57,12 +60,14 @@ class ScprintCLI(LightningCLI):
         parser.add_argument("--log_graph", type=bool, default=False, help="watch logs the graph")
         parser.add_lightning_class_args(TrainingMode, "scprint_training")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ValidationMetrics, "validation")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.link_arguments("data.gene_embeddings", "model.gene_embeddings")
         for source, target in [
             ("data.genes", "model.genes"),
             ("data.classes", "model.classes"),
             ("data.labels_hierarchy", "model.labels_hierarchy"),
+            ("data.label_decoders", "model.label_decoders"),
             ("data.gene_pos", "model.gene_positions"),
         ]:
             parser.link_arguments(source, target, apply_on="instantiate")

@@ -168,6 +168,12 @@ class ScprintDataModule(L.LightningDataModule):
             for name, tree in self.inner.labels_hierarchy.items()
         }
 
+    @property
+    def label_decoders(self) -> dict[str, dict[int, str]]:
+        """Class name -> {label code: name (ontology id)}, leaves, parents and -1 (unknown)."""
+        decoders = self.inner.decoders
+        return {name: {int(c): str(n) for c, n in decoders[name].items()} for name in self.classes}
+
     # ---- Lightning hooks ------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.inner.idx_full is None:

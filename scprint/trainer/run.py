@@ -72,6 +72,13 @@ def resume_checkpoint(state: Path) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
+def validation_history(trainer) -> list[dict]:
+    """Each validation loop's metrics (step, epoch, val/acc..., see ValidationMetrics)."""
+    from scprint.trainer.validation import ValidationMetrics
+
+    return [row for cb in trainer.callbacks if isinstance(cb, ValidationMetrics) for row in cb.history]
+
+
 def state_dir(args: argparse.Namespace) -> Path:
     return Path(args.checkpoint_dir) / "state"
 
@@ -105,6 +112,7 @@ def run(args: argparse.Namespace) -> None:
                 "steps": int(trainer.global_step),
                 "epochs": int(trainer.current_epoch),
                 "final_losses": metrics,
+                "validation": validation_history(trainer),
                 "checkpoint": str(last),
                 "resumed_from": argv[argv.index("--ckpt_path") + 1]
                 if "--ckpt_path" in argv
