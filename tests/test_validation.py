@@ -3,7 +3,12 @@ real Lightning Trainer, on in-memory batches whose cell types have distinct prof
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -192,3 +197,30 @@ def test_bad_settings_are_refused():
         ValidationMetrics(noise=1.5)
     with pytest.raises(ValueError, match="max_cells"):
         ValidationMetrics(max_cells=-1)
+
+
+def test_ddp_ranks_gather_all_cells_and_agree_with_one_process(tmp_path):
+    """2 CPU processes (DDP, gloo) each validate half of the batches: after the gather both
+    ranks hold every cell and log the values a single process logs."""
+    probe = Path(__file__).with_name("validation_ddp_probe.py")
+    for devices in (1, 2):
+        out = tmp_path / str(devices)
+        out.mkdir()
+        proc = subprocess.run(
+            [sys.executable, str(probe), str(out), str(devices)],
+            capture_output=True, text=True, timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    single = json.loads((tmp_path / "1" / "rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "2" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["history"] == ranks[1]["history"]
+    (row,) = single["history"]
+    (ddp_row,) = ranks[0]["history"]
+    assert ddp_row["n_cells"] == row["n_cells"] == 24  # every rank sees all 4 x 6 cells
+    assert ddp_row["n_denoise_entries"] == row["n_denoise_entries"]
+    for key, value in row.items():
+        assert ddp_row[key] == pytest.approx(value, abs=1e-6), key
+    for key in ["val/acc/cell_type", "val/knn/cell_type", "val/denoise"]:
+        assert ranks[1]["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-6)

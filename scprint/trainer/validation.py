@@ -40,7 +40,8 @@ class ValidationMetrics(L.Callback):
                 downsampled copy for the denoising score (their non-zero gene tokens are
                 kept: 3 values each); 0: off.
             noise: share of the counts removed for the denoising score (binomial
-                downsampling, seeded per batch so every loop sees the same noise).
+                downsampling, seeded by the batch's counts: every loop, and any number of
+                GPUs, sees the same noise).
             knn_k: neighbours of the kNN label accuracy on cell embeddings.
             knn_class: the class (obs column) kNN predicts; leaf labels only. Not
                 measured if the model does not predict it.
@@ -92,8 +93,8 @@ class ValidationMetrics(L.Callback):
             if take_denoise > 0:
                 cells = _first(batch, take_denoise)
                 x = cells["x"].float()
-                gen = torch.Generator(device=x.device)
-                gen.manual_seed(1_000_003 * trainer.global_rank + batch_idx)
+                gen = torch.Generator(device=x.device)  # seeded by the cells themselves:
+                gen.manual_seed(int(x.sum()) % 2**31)  # same noise whatever the rank or order
                 noisy = torch.binomial(x, torch.full_like(x, 1.0 - self.noise), generator=gen)
                 _, gene_states = readout.encode(net, cells, noisy)
                 reco = readout.expected_counts(net, gene_states, x.sum(-1))
