@@ -224,3 +224,31 @@ def test_ddp_ranks_gather_all_cells_and_agree_with_one_process(tmp_path):
         assert ddp_row[key] == pytest.approx(value, abs=1e-6), key
     for key in ["val/acc/cell_type", "val/knn/cell_type", "val/denoise"]:
         assert ranks[1]["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-6)
+
+
+# key -> changed value: each changes what a validation loop reports
+VALIDATION_KEYS = {
+    "max_cells": 12,
+    "denoise_cells": 5,
+    "noise": 0.3,
+    "knn_k": 1,
+    "knn_class": "organism",
+}
+
+
+def test_every_validation_key_is_covered():
+    import inspect
+
+    assert set(inspect.signature(ValidationMetrics).parameters) == set(VALIDATION_KEYS)
+
+
+@pytest.mark.parametrize("key", VALIDATION_KEYS)
+def test_validation_key_changes_the_report(key):
+    base = dict(knn_class="cell_type", knn_k=5)
+    default, changed = (
+        ValidationMetrics(**base),
+        ValidationMetrics(**{**base, key: VALIDATION_KEYS[key]}),
+    )
+    validate(module(), default)
+    validate(module(), changed)
+    assert default.history[0] != changed.history[0]
