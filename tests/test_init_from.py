@@ -233,3 +233,21 @@ def test_train_run_init_from_reconciles_genes_and_trains(tmp_path_factory):
     assert "val/acc" in summary["final_losses"]
     names = dst["scprint"]["label_decoders"]["cell_type_ontology_term_id"]
     assert set(names.values()) >= {"CL:0000624", "CL:0000625", "CL:0000236", "CL:0000084"}
+
+
+def test_workflow_train_init_from_reaches_train_run(tmp_path):
+    """train.init_from in the workflow config: an input of the train rule (a missing file
+    is named before anything runs) and `--init-from` on its command line."""
+    import yaml
+    from test_workflow import make_workdir, snakemake
+
+    workdir = make_workdir(tmp_path)
+    config = yaml.safe_load((workdir / "config" / "demo.yaml").read_text())
+    config["train"]["init_from"] = "published/start.ckpt"
+    (workdir / "config" / "init.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(workdir, "-n", "--configfile=config/init.yaml", "all", check=False)
+    assert proc.returncode != 0 and "published/start.ckpt" in proc.stdout + proc.stderr
+    (workdir / "published").mkdir()
+    (workdir / "published" / "start.ckpt").write_bytes(b"x")
+    proc = snakemake(workdir, "-n", "-p", "--configfile=config/init.yaml", "all")
+    assert "--init-from published/start.ckpt" in proc.stdout
