@@ -105,7 +105,11 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def _import_upstream(path: Path) -> dict:
-    """Our checkpoint dict for an upstream .ckpt, from scprint convert's importer."""
+    """Our checkpoint dict for an upstream .ckpt, from scprint convert's importer.
+
+    The contract: ``scprint.model.convert.import_upstream(path)`` returns a checkpoint of
+    ours, as a dict (``state_dict`` + ``scprint``: genes, classes, label_decoders) or as
+    the path of a saved one."""
     try:
         convert = importlib.import_module("scprint.model.convert")
     except ModuleNotFoundError as err:
