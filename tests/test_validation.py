@@ -252,3 +252,25 @@ def test_validation_key_changes_the_report(key):
     validate(module(), default)
     validate(module(), changed)
     assert default.history[0] != changed.history[0]
+
+
+def test_history_survives_a_resume(tmp_path):
+    """A resumed run (ckpt_path) keeps the metrics of the loops before the interruption."""
+
+    def fit(steps, ckpt_path=None):
+        cb = ValidationMetrics(knn_class="cell_type", knn_k=3)
+        trainer = L.Trainer(
+            max_steps=steps, val_check_interval=1, num_sanity_val_steps=1, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[TrainingMode(scheduler="constant"), cb],
+        )  # fmt: skip
+        data = DataLoader(batches(n=2), batch_size=None)
+        trainer.fit(module(), data, data, ckpt_path=ckpt_path)
+        return trainer, cb
+
+    trainer, first = fit(2)
+    assert [row["step"] for row in first.history] == [1, 2]  # sanity check not measured
+    trainer.save_checkpoint(tmp_path / "state.ckpt")
+    _, resumed = fit(3, tmp_path / "state.ckpt")
+    assert [row["step"] for row in resumed.history] == [1, 2, 3]
+    assert resumed.history[:2] == first.history
