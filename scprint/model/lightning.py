@@ -16,7 +16,7 @@ from typing import Literal
 import lightning as L
 import torch
 
-from scprint.model import losses
+from scprint.model import losses, readout
 from scprint.model.genes import read_gene_embeddings
 from scprint.model.model import ScPrint, ScPrintConfig
 from scprint.model.objectives import Objectives, compute_losses, set_trainable
@@ -258,10 +258,13 @@ class ScPrintModule(L.LightningModule):
         self._step(batch, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Cell embedding and most likely leaf label per class of each cell."""
+        """Cell embedding and most likely leaf label per class of each cell: its code
+        (``pred/<class>``) and name (``pred/<class>/name``, from label_decoders)."""
         cell_states, _ = self.net.encode(batch["genes"].long(), batch["x"], batch.get("depth"))
         preds = {f"pred/{k}": v.argmax(-1) for k, v in self.net.classify(cell_states).items()}
-        return {"cell_emb": self.cell_embedding(cell_states), **preds}
+        decoders = self.hparams.get("label_decoders") or {}
+        names = {f"{k}/name": readout.label_names(v, decoders.get(k[5:])) for k, v in preds.items()}
+        return {"cell_emb": self.cell_embedding(cell_states), **preds, **names}
 
     def cell_embedding(self, cell_states: torch.Tensor) -> torch.Tensor:
         """(B, D), as upstream's predictions: the mean of the pred_embedding classes' tokens
@@ -304,6 +307,7 @@ class ScPrintModule(L.LightningModule):
             "genes": list(self.hparams.genes),
             "classes": dict(self.hparams.classes or {}),
             "labels_hierarchy": self.hparams.labels_hierarchy,
+            "label_decoders": self.hparams.get("label_decoders"),
             "objectives": asdict(self.objectives),
             "optim": asdict(self.optim),
             "config": self.run_config,

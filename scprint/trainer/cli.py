@@ -4,14 +4,17 @@ Config sections (several ``--config`` files merge in order; ``--a.b value`` over
 - top level: project (W&B project), seed_everything, ckpt_path (resume: step, optimizer
   and scheduler state), set_float32_matmul_precision (true = "high", or a torch value),
   wandblog / log_freq / log_graph (W&B histograms of gradients and/or parameters every
-  log_freq steps, the model graph; null / false turn them off: scprint.trainer.watch);
+  log_freq steps, the model graph; null / false turn them off: scprint.trainer.watch),
+  init_from (start from a checkpoint's weights: scprint.model.init_from);
 - trainer: Lightning's Trainer; ``precision: 16-mixed`` falls back to 32-true (with a
   warning) where there is no GPU;
 - model: ScPrintModule (network shape); genes, classes, label hierarchy and gene
   positions are linked from the data module, gene_embeddings from data.gene_embeddings;
 - data: ScprintDataModule (scdataloader on a laminDB collection);
 - scprint_training: the TrainingMode callback (lr, optimizer, objectives, run name);
-- checkpoint: ModelCheckpoint (dirpath, every_n_train_steps, save_last, ...).
+- checkpoint: ModelCheckpoint (dirpath, every_n_train_steps, save_last, ...);
+- validation: ValidationMetrics (label accuracy, kNN, denoising score on the validation
+  split at the end of each validation loop).
 W&B runs offline unless WANDB_MODE says otherwise.
 """
 
@@ -32,6 +35,7 @@ from scprint.io import StageError
 from scprint.model.lightning import ScPrintModule
 from scprint.trainer.datamodule import ScprintDataModule
 from scprint.trainer.trainer import TrainingMode
+from scprint.trainer.validation import ValidationMetrics
 from scprint.trainer.watch import WatchModel
 
 log = logging.getLogger(__name__)
@@ -55,8 +59,16 @@ class ScprintCLI(LightningCLI):
         )
         parser.add_argument("--log_freq", type=int, default=500, help="watch every N steps")
         parser.add_argument("--log_graph", type=bool, default=False, help="watch logs the graph")
+        parser.add_argument(
+            "--init_from",
+            type=str | None,
+            default=None,
+            help="start from this checkpoint's weights (ours or upstream scPRINT's), genes and "
+            "classes reconciled with the data; fresh optimizer and step (scprint.model.init_from)",
+        )
         parser.add_lightning_class_args(TrainingMode, "scprint_training")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ValidationMetrics, "validation")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.link_arguments("data.gene_embeddings", "model.gene_embeddings")
         for source, target in [
@@ -129,15 +141,36 @@ class ScprintCLI(LightningCLI):
         # plain JSON types only: checkpoints must load with torch.load(weights_only=True)
         self.model.run_config = json.loads(json.dumps(self._cfg.clone().as_dict(), default=str))
 
+    def _init_from(self) -> None:
+        """init_from: the checkpoint's weights into the model built for this data."""
+        cfg = self._cfg
+        if cfg.init_from is None:
+            return
+        if cfg.ckpt_path is not None:
+            raise StageError(
+                f"init_from={cfg.init_from!r} and ckpt_path={cfg.ckpt_path!r} are both set: "
+                "ckpt_path resumes a run (weights, optimizer, step), init_from starts a new one "
+                "from a checkpoint's weights; keep one"
+            )
+        from scprint.model.init_from import init_from_checkpoint
+
+        self.model.init_from_report = init_from_checkpoint(self.model, cfg.init_from)
+
     def before_fit(self) -> None:
         self._record_config()
+        self._init_from()
         self._watch()
 
     def before_validate(self) -> None:
         self._record_config()
+        self._init_from()
 
     def before_test(self) -> None:
         self._record_config()
+        self._init_from()
+
+    def before_predict(self) -> None:
+        self._init_from()
 
 
 def build_cli(argv: list[str], run: bool = True) -> ScprintCLI:

@@ -195,12 +195,9 @@ class ScprintDataModule(L.LightningDataModule):
 
     @property
     def label_decoders(self) -> dict[str, dict[int, str]]:
-        """class name -> {label code: label name}, for readable predictions and export."""
-        return {
-            name: {int(code): str(label) for code, label in dec.items()}
-            for name, dec in self.inner.decoders.items()
-            if name in self.inner.classes
-        }
+        """Class name -> {label code: name (ontology id)}, leaves, parents and -1 (unknown)."""
+        decoders = self.inner.decoders
+        return {name: {int(c): str(n) for c, n in decoders[name].items()} for name in self.classes}
 
     @property
     def organisms(self) -> list[str]:

@@ -11,7 +11,8 @@ declared outputs before it reruns the job, which must not take the resume point 
         --gene-embeddings data/main/gene_embeddings.parquet \\
         --gene-positions data/main/gene_positions.parquet \\
         --checkpoint-dir checkpoints/NAME --summary results/train/NAME.json \\
-        --config config/base.yml --config config/pretrain_small.yml [-- extra fit args]
+        --config config/base.yml --config config/pretrain_small.yml \\
+        [--init-from CKPT] [-- extra fit args]
 
 Arguments after ``--`` come last, so they override everything (e.g. ``--trainer.max_steps``).
 """
@@ -35,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gene-embeddings", required=True, help="gene_embeddings.parquet")
     parser.add_argument("--gene-positions", default=None, help="gene_positions.parquet")
     parser.add_argument("--checkpoint-dir", required=True, help="where last.ckpt goes")
+    parser.add_argument(
+        "--init-from", default=None, help="checkpoint to start from (not when resuming)"
+    )
     parser.add_argument("--summary", required=True, help="JSON summary written at the end")
     parser.add_argument(
         "--config", action="append", required=True, help="training yaml, repeat to merge in order"
@@ -62,6 +66,8 @@ def fit_argv(args: argparse.Namespace, collection: dict) -> list[str]:
     resume = resume_checkpoint(state_dir(args))
     if resume is not None:
         argv += ["--ckpt_path", str(resume)]
+    elif args.init_from:  # a resumed run already holds the weights init_from gave it
+        argv += ["--init_from", args.init_from]
     return argv + list(args.fit_args)
 
 
@@ -70,6 +76,13 @@ def resume_checkpoint(state: Path) -> Path | None:
     before a Slurm requeue): resuming from an older one would redo finished steps."""
     candidates = [p for p in [state / "last.ckpt", *state.glob("hpc_ckpt_*.ckpt")] if p.exists()]
     return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def validation_history(trainer) -> list[dict]:
+    """Each validation loop's metrics (step, epoch, val/acc..., see ValidationMetrics)."""
+    from scprint.trainer.validation import ValidationMetrics
+
+    return [row for cb in trainer.callbacks if isinstance(cb, ValidationMetrics) for row in cb.history]
 
 
 def state_dir(args: argparse.Namespace) -> Path:
@@ -105,6 +118,8 @@ def run(args: argparse.Namespace) -> None:
                 "steps": int(trainer.global_step),
                 "epochs": int(trainer.current_epoch),
                 "final_losses": metrics,
+                "validation": validation_history(trainer),
+                "init_from": getattr(cli.model, "init_from_report", None),
                 "checkpoint": str(last),
                 "resumed_from": argv[argv.index("--ckpt_path") + 1]
                 if "--ckpt_path" in argv

@@ -157,9 +157,16 @@ def embedding_args():
     return " ".join(a for a in args if a)
 
 
+def init_from_inputs(wildcards):
+    """train.init_from: the checkpoint the run starts from (none: [])."""
+    return [config["train"]["init_from"]] if config["train"].get("init_from") else []
+
+
 def train_args():
     t = config["train"]
     args = [repeated("--config", t["configs"])]
+    if t.get("init_from"):
+        args.append(f"--init-from {shell_quote(t['init_from'])}")
     if t["args"]:
         args.append("-- " + " ".join(shell_quote(a) for a in t["args"]))
     return " ".join(args)

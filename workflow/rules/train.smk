@@ -4,6 +4,7 @@ rule train:
         embeddings=GENE_EMBEDDINGS,
         positions=GENE_POSITIONS,
         configs=config["train"]["configs"],
+        init_from=init_from_inputs,
     output:
         checkpoint=CHECKPOINT,
         summary=TRAIN_SUMMARY,

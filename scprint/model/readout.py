@@ -1,0 +1,44 @@
+"""What validation, prediction and init_from read from the network, one function per use.
+
+Everything outside the network that needs its outputs goes through these functions, so a
+change of the network's interface (e.g. the upstream-parity model) is adapted here only.
+Inputs are the batch dict of scprint.trainer (x, genes, depth, class).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def encode(
+    net: nn.Module, batch: dict, expression: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cell token states (B, C, D), gene token states (B, L, D)) of the batch's cells,
+    seeing ``expression`` (B, L) instead of batch["x"] when given (a noisy copy)."""
+    x = batch["x"] if expression is None else expression
+    return net.encode(batch["genes"].long(), x, batch.get("depth"))
+
+
+def class_logits(net: nn.Module, cell_states: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Class name -> leaf logits (B, K), in the model's class order."""
+    return net.classify(cell_states)
+
+
+def cell_embedding(net: nn.Module, cell_states: torch.Tensor) -> torch.Tensor:
+    """The cell embedding (B, D) that downstream tasks use."""
+    return net.cell_embedding(cell_states)
+
+
+def expected_counts(
+    net: nn.Module, gene_states: torch.Tensor, library: torch.Tensor
+) -> torch.Tensor:
+    """The expression decoder's mean counts (B, L) for a cell of ``library`` total counts."""
+    return net.decode_expression(gene_states, library)["mean"]
+
+
+def label_names(codes: torch.Tensor, decoder: dict[int, str] | None) -> list[str]:
+    """Leaf codes (B,) -> label names (ontology ids); "code:<n>" where the checkpoint has
+    no name for a code (trained before label names were kept)."""
+    decoder = {int(k): v for k, v in (decoder or {}).items()}
+    return [decoder.get(int(c), f"code:{int(c)}") for c in codes.tolist()]
