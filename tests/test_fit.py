@@ -33,7 +33,7 @@ def build_tiny_collection(workdir: Path, key: str = "tiny") -> dict:
     proc = subprocess.run(
         [
             sys.executable,
-            str(TESTS / "test_fit_tiny_collection.py"),
+            str(TESTS / "tiny_collection.py"),
             str(workdir),
             key,
             str(N_GENES),
