@@ -18,6 +18,8 @@ import pytest
 import torch
 from conftest import REPO, cli_env, run_cli
 
+from scprint.embeddings.positions import rank_genes
+
 torch.set_num_threads(1)
 TESTS = Path(__file__).resolve().parent
 N_GENES = 200
@@ -63,16 +65,16 @@ def write_gene_files(workdir: Path, genes: list[str]) -> tuple[Path, Path]:
     pd.DataFrame(emb, index=index, columns=[str(i) for i in range(16)]).to_parquet(
         main / "gene_embeddings.parquet"
     )
-    pos = pd.DataFrame(
+    coords = pd.DataFrame(
         {
-            "organism": "NCBITaxon:9606",
+            "ensembl_gene_id": genes,
             "chrom": [str(1 + i // 50) for i in range(len(genes))],
             "start": [(i % 50) * 8000 for i in range(len(genes))],
             "end": [(i % 50) * 8000 + 500 for i in range(len(genes))],
-            "pos": list(range(len(genes))),
-        },
-        index=pd.Index(genes, name="ensembl_gene_id"),
+        }
     )
+    pos = rank_genes(coords, tolerance=10_000).set_index("ensembl_gene_id")  # one rank a chrom
+    pos.insert(0, "organism", "NCBITaxon:9606")
     pos.to_parquet(main / "gene_positions.parquet")
     return main / "gene_embeddings.parquet", main / "gene_positions.parquet"
 
