@@ -159,9 +159,10 @@ def canonical_proteins(proteins) -> dict[str, Protein]:
 
 def ensembl_fasta_url(base_url: str, organism: str) -> str:
     """``<base>/<species>/pep/<Species>.<assembly>.pep.all.fa.gz`` for an NCBITaxon id."""
-    from scprint.embeddings.organisms import ENSEMBL_ASSEMBLIES, species_name
+    from scprint.data.organisms import species as species_of
+    from scprint.embeddings.organisms import ENSEMBL_ASSEMBLIES
 
-    species = species_name(organism, need="genes")
+    species = species_of(organism)
     if species not in ENSEMBL_ASSEMBLIES:
         raise StageError(
             f"no Ensembl assembly name known for {organism} ({species}); pass the peptide "
