@@ -295,6 +295,8 @@ def _weighted_sampler():
     from scdataloader.datamodule import LabelWeightedSampler
     from torch.utils.data import Sampler
 
+    import scprint.adapters.scdataloader  # noqa: F401  (the version check)
+
     class _TakesDataSource(Sampler):
         def __init__(self, data_source=None):
             pass
