@@ -37,13 +37,15 @@ bench: $(VENV)/.installed
 
 # annbatch (a loader baseline of bench/loader.py) needs Python >= 3.12, anndata >= 0.12 and
 # zarr 3: its own venv, called as a subprocess. Without Python 3.12 the bench says so.
+# Set up as its docs say: the zarrs extra (zarr's Rust codec pipeline, selected in
+# bench/loader_annbatch.py), and numba for the same gene-selection kernel as ours.
 # (the first that runs: a pyenv shim for a version that is not selected exists but fails)
 PYTHON312 ?= $(firstword $(foreach p,$(shell command -v python3.12) \
 	$(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),$(shell $(p) -c 'print("$(p)")' 2>/dev/null)))
 .bench-venv-annbatch/.installed:
 	@test -n "$(PYTHON312)" || (echo "annbatch needs python3.12 (set PYTHON312=...)"; exit 1)
 	$(PYTHON312) -m venv .bench-venv-annbatch
-	.bench-venv-annbatch/bin/pip install -q annbatch==0.3.1
+	.bench-venv-annbatch/bin/pip install -q 'annbatch[zarrs]==0.3.1' numba==0.68.1
 	touch $@
 
 bench-annbatch-venv: .bench-venv-annbatch/.installed

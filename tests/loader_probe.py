@@ -13,6 +13,7 @@ import sys
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 import torch
 
 from scprint.io import StageError
@@ -182,8 +183,8 @@ def keys(tmp: str) -> dict:
     out["gene_embeddings"] = len(dm_of(gene_embeddings=None).genes)
     dm = dm_of(gene_positions="data/main/gene_positions.parquet")
     out["gene_positions"] = sorted(set(dm.gene_pos))
-    dm = dm_of(gene_positions="data/main/gene_positions.parquet", gene_position_tolerance=None)
-    out["gene_position_tolerance"] = len(set(dm.gene_pos))
+    parquet = pd.read_parquet("data/main/gene_positions.parquet")["pos"]
+    out["gene_positions_as_is"] = dm.gene_pos == parquet.loc[dm.genes].tolist()
     assay = list(dm.classes)
     dm = dm_of(assays_to_drop=["EFO:0009899"], weight_scaler=5, n_samples_per_epoch=200)
     files = dm.batches.file_of_cell

@@ -64,13 +64,11 @@ def test_counts_are_raw_integers_and_normalized_dataset_keeps_them_in_raw(demo_d
 
 
 def test_gene_ids_are_real_gencode_ids_of_the_organism(demo_dir):
-    import pandas as pd
+    from scprint.data.organisms import gene_table
 
-    for organism, species in demo.GENCODE_NAME.items():
-        table = pd.read_csv(
-            demo._gencode_table(f"genes_{species}.csv.gz"), header=None, usecols=[0, 4]
-        )
-        known = dict(zip(table[0], table[4], strict=True))
+    for organism in (demo.HUMAN, demo.MOUSE):
+        table = gene_table(organism)
+        known = dict(zip(table.ensembl_gene_id, table.biotype, strict=True))
         spec = next(d for d in demo.DATASETS if d.organism == organism)
         ids = ad.read_h5ad(demo_dir / "datasets" / f"{spec.dataset_id}.h5ad").var_names
         assert all(known.get(g) == "protein_coding" for g in ids)

@@ -15,7 +15,7 @@ import pytest
 from conftest import cli_env, run_cli
 from http_server import FileServer, write_h5ad
 
-from scprint.data import download, listing
+from scprint.data import download, http, listing
 from scprint.data.listing import DatasetRow
 from scprint.io import StageError
 
@@ -27,7 +27,7 @@ PATH = f"/files/{DATASET}.h5ad"
 def payload(tmp_path_factory) -> bytes:
     path = write_h5ad(tmp_path_factory.mktemp("payload") / "p.h5ad", n_cells=400, n_genes=100)
     body = path.read_bytes()
-    assert len(body) > 3 * download.CHUNK_BYTES  # a drop halfway leaves whole chunks on disk
+    assert len(body) > 3 * http.CHUNK_BYTES  # a drop halfway leaves whole chunks on disk
     return body
 
 
@@ -280,7 +280,7 @@ def test_killed_download_then_rerun_is_byte_identical(server, payload, tmp_path)
     )
     try:
         deadline = time.monotonic() + 60
-        while not (part.exists() and part.stat().st_size >= download.CHUNK_BYTES):
+        while not (part.exists() and part.stat().st_size >= http.CHUNK_BYTES):
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "the download never wrote its first chunk"
             time.sleep(0.05)

@@ -497,6 +497,23 @@ def test_a_truncated_download_never_enters_the_cache(tmp_path):
     assert cache_files == []
 
 
+def test_fasta_download_resumes_a_part_left_by_a_killed_run(tmp_path):
+    """proteins.fetch goes through the stages' one HTTP path (scprint.data.http): a .part
+    in the cache is resumed with a Range request, then checked and renamed into place."""
+    from http_server import FileServer
+
+    whole = gzip.compress(fasta_text().encode(), mtime=0)
+    with FileServer() as server:
+        url = server.add("/pub/x.pep.all.fa.gz", whole)
+        target = proteins.cache_path(url, tmp_path / "cache")
+        target.parent.mkdir(parents=True)
+        target.with_name(target.name + ".part").write_bytes(whole[:100])
+        assert proteins.fetch(url, tmp_path / "cache") == target
+        assert server.requests[0].headers.get("Range") == "bytes=100-"
+    assert target.read_bytes() == whole
+    assert not target.with_name(target.name + ".part").exists()
+
+
 def test_ensembl_url_names_species_and_assembly():
     assert proteins.ensembl_fasta_url(
         "https://ftp.ensembl.org/pub/release-114/fasta/", "NCBITaxon:10090"

@@ -18,6 +18,8 @@ import pytest
 import torch
 from conftest import REPO, cli_env, run_cli
 
+from scprint.embeddings.positions import rank_genes
+
 torch.set_num_threads(1)
 TESTS = Path(__file__).resolve().parent
 N_GENES = 200
@@ -33,7 +35,7 @@ def build_tiny_collection(workdir: Path, key: str = "tiny") -> dict:
     proc = subprocess.run(
         [
             sys.executable,
-            str(TESTS / "test_fit_tiny_collection.py"),
+            str(TESTS / "tiny_collection.py"),
             str(workdir),
             key,
             str(N_GENES),
@@ -63,16 +65,16 @@ def write_gene_files(workdir: Path, genes: list[str]) -> tuple[Path, Path]:
     pd.DataFrame(emb, index=index, columns=[str(i) for i in range(16)]).to_parquet(
         main / "gene_embeddings.parquet"
     )
-    pos = pd.DataFrame(
+    coords = pd.DataFrame(
         {
-            "organism": "NCBITaxon:9606",
+            "ensembl_gene_id": genes,
             "chrom": [str(1 + i // 50) for i in range(len(genes))],
             "start": [(i % 50) * 8000 for i in range(len(genes))],
             "end": [(i % 50) * 8000 + 500 for i in range(len(genes))],
-            "pos": list(range(len(genes))),
-        },
-        index=pd.Index(genes, name="ensembl_gene_id"),
+        }
     )
+    pos = rank_genes(coords, tolerance=10_000).set_index("ensembl_gene_id")  # one rank a chrom
+    pos.insert(0, "organism", "NCBITaxon:9606")
     pos.to_parquet(main / "gene_positions.parquet")
     return main / "gene_embeddings.parquet", main / "gene_positions.parquet"
 
@@ -149,20 +151,23 @@ def test_fit_with_the_seed_configs_on_a_tiny_collection(workdir):
     assert "StochasticWeightAveraging" in ckpt["callbacks"]
 
 
+TRAIN_RUN_ARGS = [
+    "train-run", "--run", "tinyrun", "--collection", "results/collection.json",
+    "--gene-embeddings", "data/main/gene_embeddings.parquet",
+    "--gene-positions", "data/main/gene_positions.parquet",
+    "--checkpoint-dir", "checkpoints/tinyrun", "--summary", "results/train/tinyrun.json",
+    "--config", REPO / "config/base.yml", "--config", REPO / "config/pretrain_small.yml",
+    "--", "--data.max_len", "48", "--data.batch_size", "8", "--data.num_workers", "0",
+    "--data.weight_scaler", "0", "--data.validation_split", "0.2",
+    "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
+    "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+    "--trainer.logger.save_dir", "logs/csv", "--wandblog", "null",
+    "--scprint_training.warmup_steps", "2",
+]  # fmt: skip
+
+
 def test_train_run_writes_summary_and_resumes(workdir):
-    args = [
-        "train-run", "--run", "tinyrun", "--collection", "results/collection.json",
-        "--gene-embeddings", "data/main/gene_embeddings.parquet",
-        "--gene-positions", "data/main/gene_positions.parquet",
-        "--checkpoint-dir", "checkpoints/tinyrun", "--summary", "results/train/tinyrun.json",
-        "--config", REPO / "config/base.yml", "--config", REPO / "config/pretrain_small.yml",
-        "--", "--data.max_len", "48", "--data.batch_size", "8", "--data.num_workers", "0",
-        "--data.weight_scaler", "0", "--data.validation_split", "0.2",
-        "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-        "--trainer.logger.save_dir", "logs/csv", "--wandblog", "null",
-        "--scprint_training.warmup_steps", "2",
-    ]  # fmt: skip
+    args = TRAIN_RUN_ARGS
     env = cli_env(workdir, **THREADS)
     run_cli([*args, "--trainer.max_steps", "3"], cwd=workdir, env=env)
     first = json.loads((workdir / "results/train/tinyrun.json").read_text())
@@ -186,6 +191,40 @@ def test_train_run_writes_summary_and_resumes(workdir):
     assert state["lr_schedulers"][0]["last_epoch"] == 6  # once per step, continued
     adam_steps = {int(s["step"]) for s in state["optimizer_states"][0]["state"].values()}
     assert adam_steps == {6}  # optimizer state carried over, not restarted
+
+
+def test_train_run_refuses_to_resume_under_a_changed_config(workdir):
+    """After the 6-step run above: a new learning rate is refused (keys listed, how to start
+    afresh, nothing written); named with --resume-anyway it resumes. max_steps alone
+    (above: 3 -> 6) is safe to change."""
+    state = workdir / "checkpoints/tinyrun/state/last.ckpt"
+    if not state.exists():
+        pytest.fail("run test_train_run_writes_summary_and_resumes first")
+    summary = workdir / "results/train/tinyrun.json"
+    summary.unlink()
+    before = state.read_bytes()
+    env = cli_env(workdir, **THREADS)
+    changed = [*TRAIN_RUN_ARGS, "--trainer.max_steps", "7", "--scprint_training.lr", "0.01"]
+    changed += ["--model.nlayers", "1"]
+    proc = run_cli(changed, cwd=workdir, env=env, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    error = proc.stderr[proc.stderr.index("error: cannot resume from") :]
+    listed = error.split("Fix:")[0]
+    assert "the config changed" in listed
+    assert "scprint_training.lr: 0.0001 -> 0.01" in listed  # base.yml's lr
+    assert "model.nlayers: 4 -> 1" in listed  # Lightning would load the old shape silently
+    assert "trainer.max_steps" not in listed  # safe to change: not listed
+    assert "delete checkpoints/tinyrun/state" in proc.stderr and "--resume-anyway" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert state.read_bytes() == before and not summary.exists()
+
+    split = TRAIN_RUN_ARGS.index("--")
+    anyway = [*TRAIN_RUN_ARGS[:split], "--resume-anyway", "scprint_training.lr"]
+    anyway += [*TRAIN_RUN_ARGS[split:], "--trainer.max_steps", "7", "--scprint_training.lr", "0.01"]
+    run_cli(anyway, cwd=workdir, env=env)
+    resumed = json.loads(summary.read_text())
+    assert resumed["steps"] == 7 and resumed["resumed_from"].endswith("state/last.ckpt")
+    assert resumed["config"]["scprint_training"]["lr"] == 0.01
 
 
 def test_checkpoint_reloads_without_collection_or_parquet(workdir, tmp_path):

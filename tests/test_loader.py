@@ -95,7 +95,7 @@ def test_every_data_key_changes_behaviour(probe):
     assert k["how_most_descending"] and not k["how_random_descending"]
     assert (base["n_genes"], k["gene_embeddings"]) == (180, 200)
     assert base["gene_pos"] is None and k["gene_positions"] == [0, 1, 2, 3]
-    assert k["gene_position_tolerance"] == 180  # the parquet's own ranks: one per gene
+    assert k["gene_positions_as_is"]  # the positions stage's ranks, not recomputed
     assert k["assays_kept_files"] == [0, 1] and k["assays_to_drop_files"] == [0]
     assert k["replacement"]["True"][0] == 300 and k["replacement"]["True"][1] < 300
     assert k["replacement"]["False"][0] == k["replacement"]["False"][1]  # no repeats

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sqlite3
 
+import pandas as pd
 import pytest
 from bionty_assets import current_sources, gene_sample, ontology_sample, serve_assets
 from conftest import cli_env, run_cli
@@ -47,6 +48,24 @@ def new_instance(tmp_path_factory, name: str):
     return workdir
 
 
+# sources bionty marks current that scdataloader does not use, keyed like `sources` below
+DECOYS = {("bionty.Disease", "doid"): "DOID", ("bionty.Phenotype", "hp"): "HP"}
+
+
+def decoy_table(prefix: str) -> pd.DataFrame:
+    """Three terms of an ontology we must not import, in bionty's table layout."""
+    ids = [f"{prefix}:{n:07d}" for n in (1, 2, 3)]
+    return pd.DataFrame(
+        {
+            "name": [f"{prefix} decoy {n}" for n in (1, 2, 3)],
+            "definition": None,
+            "synonyms": None,
+            "parents": [[], [ids[0]], [ids[0]]],
+        },
+        index=pd.Index(ids, name="ontology_id"),
+    )
+
+
 ARGS = ["ontologies", "--source", "online", "--organism", HUMAN, "--out", "results/ontologies.json"]
 
 
@@ -66,8 +85,11 @@ def store(tmp_path_factory):
             served[source] = ontology_sample(ontology, N_TERMS)
     gene_source = sources[("bionty.Gene", "human")]
     served[gene_source] = gene_sample(HUMAN, N_GENES)
+    # bionty also marks DOID (Disease) and HP (Phenotype) current: serve them too, so an
+    # import of every current source would land them and test_only_the_ontologies... fails
+    decoys = {sources[key]: decoy_table(prefix) for key, prefix in DECOYS.items()}
     with FileServer() as server:
-        serve_assets(server, served)
+        serve_assets(server, served | decoys)
         env = cli_env(workdir, AWS_ENDPOINT_URL=server.url(""))
         env.pop("BIONTY_ROOT_DIR", None)
         first = run_cli(ARGS, cwd=workdir, env=env)
@@ -82,6 +104,8 @@ def store(tmp_path_factory):
     return {
         "workdir": workdir,
         "served": served,
+        "decoys": decoys,
+        "requested": {r.path.rsplit("/", 1)[-1] for r in server.requests},
         "sources": sources,
         "result": result,
         "rerun": rerun,
@@ -118,8 +142,11 @@ def test_each_registry_holds_what_the_store_served(store):
 
 
 def test_only_the_ontologies_scdataloader_uses(store):
-    """bionty also marks DOID (Disease) and HP (Phenotype) as current; they are not imported."""
+    """bionty also marks DOID (Disease) and HP (Phenotype) as current; the stand-in store
+    serves them, and they are neither downloaded nor imported."""
     workdir = store["workdir"]
+    assert len(store["decoys"]) == 2  # both are current sources of a fresh instance
+    assert not {s.filename for s in store["decoys"]} & store["requested"]
     assert query(
         workdir, "SELECT count(*) FROM bionty_disease WHERE ontology_id LIKE 'DOID:%'"
     ) == [(0,)]

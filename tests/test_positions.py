@@ -161,3 +161,23 @@ def test_unknown_organism_is_a_clear_error(tmp_path):
     assert "NCBITaxon:9606" in proc.stderr and "NCBITaxon:10090" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_training_ranks_are_the_parquets_for_the_demo_genes(tmp_path):
+    """One rule: the ranks the model gets (scprint.model.genes.gene_ranks, what the
+    DataModule links into model.gene_positions) are the positions stage's, for the demo's
+    human genes, with chromosomes in natural order (chr2 before chr10)."""
+    from scprint.data.demo import HUMAN, demo_genes
+    from scprint.model.genes import gene_ranks
+
+    out = tmp_path / "gene_positions.parquet"
+    run_cli(["gene-positions", "--organism", HUMAN, "--out", out], cwd=tmp_path)
+    table = pd.read_parquet(out)
+    genes = demo_genes(HUMAN, 1200, seed=0)
+    ids = genes["gene_id"].tolist()
+    ranks = pd.Series(gene_ranks(table, ids + ["ENSG99999999999"]), index=[*ids, "unplaced"])
+    assert ranks[ids].tolist() == table.loc[ids, "pos"].tolist()
+    assert ranks["unplaced"] == ranks[ids].max() + 1  # one past the last placed gene
+    by_chrom = ranks[ids].groupby(genes["chrom"].to_numpy())
+    assert by_chrom.max()["chr2"] < by_chrom.min()["chr10"]  # a string sort puts chr10 first
+    assert by_chrom.max()["chr9"] < by_chrom.min()["chr10"]

@@ -220,6 +220,37 @@ def normalized_counts(path: Path) -> None:
     adata.write_h5ad(path)
 
 
+def duplicated_gene_ids(path: Path) -> None:
+    """Two genes share an id (scdataloader's InvalidIndexError, if it reached it)."""
+    adata = make_dataset()
+    names = adata.var_names.to_numpy().copy()
+    names[1], names[3] = names[0], names[2]
+    adata.var_names = names
+    adata.write_h5ad(path)
+
+
+def nan_counts(path: Path) -> None:
+    adata = make_dataset()
+    adata.X.data[:7] = np.nan
+    adata.write_h5ad(path)
+
+
+def zarr_store(path: Path) -> None:
+    make_dataset().write_zarr(path)
+
+
+def loom_file(path: Path) -> None:
+    """A loom file as loompy writes one: /matrix (genes x cells), /row_attrs, /col_attrs."""
+    import h5py
+
+    adata = make_dataset()
+    with h5py.File(path, "w") as f:
+        f["matrix"] = adata.X.T.toarray()
+        f.create_group("row_attrs")["Gene"] = adata.var_names.to_numpy().astype("S")
+        f.create_group("col_attrs")["CellID"] = adata.obs_names.to_numpy().astype("S")
+        f.create_group("layers")
+
+
 def corrupt(path: Path) -> None:
     path.write_bytes(np.random.default_rng(0).bytes(4096))
 
@@ -260,6 +291,14 @@ BAD_INPUTS = {
         [],  # default --min-valid-genes-id 10000 against a 600-gene panel
         ["only 600 of 600 genes", "--min-valid-genes-id"],
     ),
+    "duplicated-genes": (
+        duplicated_gene_ids,
+        SMALL_PANEL,
+        ["2 gene ids occur more than once in var.index", "ENSG", "one row per gene"],
+    ),
+    "nan": (nan_counts, SMALL_PANEL, ["X has NaN values (7 ", "find where the NaN came from"]),
+    "zarr": (zarr_store, [], ["is a zarr store", "anndata.read_zarr("]),
+    "loom": (loom_file, [], ["is a loom file", "anndata.read_loom("]),
     "corrupt": (corrupt, [], ["corrupt or truncated"]),
     "truncated": (truncated, [], ["corrupt or truncated"]),
 }

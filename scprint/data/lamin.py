@@ -16,6 +16,7 @@ import logging
 import os
 from pathlib import Path
 
+from scprint.adapters.lamindb import answer_hub_locally, instance_exists, mark_off_hub
 from scprint.io import StageError, write_json
 
 log = logging.getLogger(__name__)
@@ -45,30 +46,13 @@ def use_settings_dir(settings_dir: str | os.PathLike | None) -> Path:
     return path
 
 
-def _answer_hub_locally() -> None:
-    """Answer lamindb_setup's hub look-ups for local storage without the network."""
-    from lamindb_setup.core import _hub_core
-
-    if getattr(_hub_core.init_storage_hub, "_scprint_local", False):
-        return
-    online = _hub_core.init_storage_hub
-
-    def init_storage_hub(ssettings, *args, **kwargs):
-        if ssettings.type_is_cloud:
-            return online(ssettings, *args, **kwargs)
-        return "hub-record-not-created"
-
-    init_storage_hub._scprint_local = True
-    _hub_core.init_storage_hub = init_storage_hub
-
-
 def _mark_instance_off_hub() -> None:
     import lamindb_setup as ln_setup
 
     isettings = ln_setup.settings.instance
     if isettings.storage is not None and is_local(isettings.storage.root_as_str, None):
         if isettings.dialect == "sqlite":
-            isettings._is_on_hub = False
+            mark_off_hub(isettings)
 
 
 def init_instance(
@@ -80,7 +64,7 @@ def init_instance(
     if local:
         storage = str(Path(storage).resolve())
         Path(storage).mkdir(parents=True, exist_ok=True)
-        _answer_hub_locally()
+        answer_hub_locally()
     import lamindb_setup as ln_setup
 
     try:
@@ -109,10 +93,9 @@ def init_instance(
 def connect(settings_dir: str | None = None):
     """Connect this process to the instance made by ``init_instance``; returns ``lamindb``."""
     use_settings_dir(settings_dir)
-    _answer_hub_locally()
-    import lamindb_setup as ln_setup
+    answer_hub_locally()
 
-    if not ln_setup.settings._instance_exists:
+    if not instance_exists():
         raise StageError(
             f"no laminDB instance is configured in {os.environ['LAMIN_SETTINGS_DIR']}: run "
             "`scprint lamin-init` (the workflow's lamin_instance rule) first"

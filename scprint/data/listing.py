@@ -152,7 +152,7 @@ def rows_from_curation_api(datasets: list[dict]) -> list[DatasetRow]:
 
 def fetch_curation_api(api: str, retries: int, timeout: float, backoff: float) -> list[dict]:
     """``GET {api}/datasets`` with retries; the answer must be a JSON list."""
-    from scprint.data.download import http_session, with_retries
+    from scprint.data.http import http_session, with_retries
 
     url = api.rstrip("/") + "/datasets"
     session = http_session()

@@ -420,7 +420,10 @@ def database_bytes() -> int | None:
     isettings = ln_setup.settings.instance
     if isettings.dialect != "sqlite":
         return None
-    path = Path(isettings._sqlite_file_local) if hasattr(isettings, "_sqlite_file_local") else None
+    from scprint.adapters.lamindb import sqlite_file
+
+    path = sqlite_file(isettings)
+    path = Path(path) if path is not None else None
     if path is None or not path.exists():
         path = Path(isettings.storage.root_as_str) / ".lamindb" / "lamin.db"
     return path.stat().st_size if path.exists() else None

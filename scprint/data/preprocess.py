@@ -25,6 +25,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from scprint.data.checks import duplicated_genes_problem, file_format_problem, value_problem
+from scprint.data.checks import examples as _examples
 from scprint.io import StageError, atomic_path, check_dataset_id, write_json
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,9 @@ def read_dataset(dataset: str, path: Path):
             f"dataset {dataset}: input {path} does not exist. Fix: download it first "
             "(`scprint download`) or correct the path"
         )
+    wrong_format = file_format_problem(path)
+    if wrong_format:
+        raise StageError(f"dataset {dataset}: {wrong_format}")
     try:
         return anndata.read_h5ad(path)
     except Exception as err:  # h5py/anndata raise OSError, KeyError, ValueError...
@@ -85,16 +90,7 @@ def describe_values(matrix) -> str | None:
     import scipy.sparse as sp
 
     rows = matrix[:ROWS_CHECKED]
-    values = rows.data if sp.issparse(rows) else np.asarray(rows).ravel()
-    if values.size == 0:
-        return None
-    if values.min() < 0:
-        return f"negative values (min {values.min():.3g}: scaled or centred data)"
-    fractional = values != np.round(values)
-    if fractional.any():
-        example = values[fractional][0]
-        return f"non-integer values (e.g. {example:.4g}, max {values.max():.3g}: normalized or log counts)"
-    return None
+    return value_problem(rows.data if sp.issparse(rows) else np.asarray(rows).ravel())
 
 
 def choose_counts(adata) -> tuple[str | None, object, object, list[str]]:
@@ -147,12 +143,6 @@ def harmonise_obs(obs, uns) -> dict[str, int]:
     return {k: v for k, v in relabelled.items() if v}
 
 
-def _examples(values, n: int = 5) -> str:
-    values = list(values)
-    shown = ", ".join(repr(v) for v in values[:n])
-    return shown + (f" and {len(values) - n} more" if len(values) > n else "")
-
-
 def check_structure(adata, params: Params) -> tuple[list[str], dict]:
     """Problems visible without the database, and the chosen counts (when found)."""
     import numpy as np
@@ -183,11 +173,23 @@ def check_structure(adata, params: Params) -> tuple[list[str], dict]:
     if naming:
         problems.append(naming)
     where, counts, var, looked = choose_counts(adata)
+    duplicated_genes = duplicated_genes_problem(
+        (adata.var if var is None else var).index,
+        "raw.var.index" if where == "raw.X" else "var.index",
+    )
+    if duplicated_genes:
+        problems.append(duplicated_genes)
     if where is None:
+        fix = "put them in X, raw.X or layers['counts'] (CELLxGENE files keep them in raw.X)"
+        if any("NaN values" in place for place in looked):
+            fix = (
+                "find where the NaN came from (a merge that left genes unmeasured, a failed "
+                "conversion), then write the integer counts with zeros or without those "
+                "genes/cells in X"
+            )
         problems.append(
             f"no raw counts anywhere: {'; '.join(looked)}. scdataloader normalizes the counts "
-            "itself and needs the raw integer counts. Fix: put them in X, raw.X or "
-            "layers['counts'] (CELLxGENE files keep them in raw.X)"
+            f"itself and needs the raw integer counts. Fix: {fix}"
         )
         return problems, {}
     nnz = np.asarray((counts > 0).sum(axis=1)).ravel()

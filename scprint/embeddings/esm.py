@@ -234,7 +234,7 @@ def embed_sequences(
 
 def gene_proteins(organism: str, fasta_path: Path):
     """(genes to embed: {gene_id: Protein}, missing-report rows, genes dropped) for one organism."""
-    from scprint.embeddings.organisms import gene_table
+    from scprint.data.organisms import gene_table
     from scprint.embeddings.proteins import canonical_proteins, read_fasta
 
     genes = gene_table(organism)

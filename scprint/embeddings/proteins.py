@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import gzip
 import logging
-import time
-import urllib.error
+import os
 import urllib.parse
-import urllib.request
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from scprint.io import StageError, atomic_path
+from scprint.io import StageError
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +159,10 @@ def canonical_proteins(proteins) -> dict[str, Protein]:
 
 def ensembl_fasta_url(base_url: str, organism: str) -> str:
     """``<base>/<species>/pep/<Species>.<assembly>.pep.all.fa.gz`` for an NCBITaxon id."""
-    from scprint.embeddings.organisms import ENSEMBL_ASSEMBLIES, species_name
+    from scprint.data.organisms import species as species_of
+    from scprint.embeddings.organisms import ENSEMBL_ASSEMBLIES
 
-    species = species_name(organism, need="genes")
+    species = species_of(organism)
     if species not in ENSEMBL_ASSEMBLIES:
         raise StageError(
             f"no Ensembl assembly name known for {organism} ({species}); pass the peptide "
@@ -188,64 +187,55 @@ def cache_path(url: str, cache_dir: str | Path) -> Path:
 
 
 def fetch(url: str, cache_dir: str | Path, attempts: int = 3) -> Path:
-    """The cached copy of ``url``, downloading it once (atomically, gzip checked) if absent."""
+    """The cached copy of ``url``, downloading it once if absent: through the stages' one
+    HTTP path (scprint.data.http: retries, resume of a ``.part`` left by a killed run), then
+    gzip-checked and renamed into the cache."""
+    from scprint.data.http import fetch_to_part
+
     target = cache_path(url, cache_dir)
     if target.is_file():
         log.info("using cached %s for %s", target, url)
         return target
+    if urllib.parse.urlparse(url).scheme not in ("http", "https"):
+        raise StageError(f"cannot download {url}: only http(s):// urls are fetched; use https")
     log.info("downloading %s -> %s", url, target)
-    for attempt in range(1, attempts + 1):
-        try:
-            with atomic_path(target) as tmp:
-                _download(url, tmp)
-                _check_complete(tmp, url)
-            return target
-        except urllib.error.HTTPError as err:
-            if err.code < 500 or attempt == attempts:
-                raise StageError(
-                    _download_help(url, target, f"HTTP {err.code} {err.reason}")
-                ) from err
-        except (urllib.error.URLError, OSError, _Incomplete) as err:
-            if attempt == attempts:
-                raise StageError(_download_help(url, target, str(err))) from err
-        log.warning("download of %s failed (attempt %d/%d); retrying", url, attempt, attempts)
-        time.sleep(2 * attempt)
-    raise AssertionError("unreachable")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    fetch_to_part(
+        url,
+        part,
+        what=f"downloading {url}",
+        label=target.name,
+        retries=attempts - 1,
+        fix=_offline_advice(target),
+        refused_fix=_offline_advice(target),
+    )
+    problem = _gzip_problem(part, url)
+    if problem:
+        part.unlink()
+        raise StageError(f"cannot download {url}: {problem}. {_offline_advice(target)}")
+    os.replace(part, target)
+    return target
 
 
-class _Incomplete(Exception):
-    pass
-
-
-def _download(url: str, dest: Path) -> None:
-    with urllib.request.urlopen(url, timeout=120) as response, open(dest, "wb") as out:
-        expected = response.headers.get("Content-Length")
-        received = 0
-        while chunk := response.read(_CHUNK):
-            out.write(chunk)
-            received += len(chunk)
-    if expected is not None and received != int(expected):
-        raise _Incomplete(f"received {received} of {expected} bytes")
-
-
-def _check_complete(path: Path, url: str) -> None:
+def _gzip_problem(path: Path, url: str) -> str | None:
     """A gzip download must decompress to its end, else it is never put in the cache."""
     with open(path, "rb") as fh:
         if fh.read(2) != _GZIP_MAGIC:
-            return
+            return None
     try:
         with gzip.open(path, "rb") as fh:
             while fh.read(_CHUNK):
                 pass
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
-        raise _Incomplete(f"the gzip data from {url} is truncated or corrupt ({err})") from err
+        return f"the gzip data from {url} is truncated or corrupt ({err})"
+    return None
 
 
-def _download_help(url: str, target: Path, why: str) -> str:
+def _offline_advice(target: Path) -> str:
     return (
-        f"cannot download {url}: {why}. On a node without internet, download it on a machine "
-        f"with internet to {target} (that exact path is the cache), or pass a local file with "
-        "--fasta ORG=PATH"
+        f"On a node without internet, download it on a machine with internet to {target} "
+        "(that exact path is the cache), or pass a local file with --fasta ORG=PATH"
     )
 
 

@@ -209,6 +209,7 @@ class ScPrintModule(L.LightningModule):
         self.objectives = Objectives()
         self.optim = OptimParams()
         self.run_config: dict | None = None  # the CLI's merged config, saved in checkpoints
+        self.requested_config: dict | None = None  # ... as asked for (resume compares it)
 
     # ---- set by the TrainingMode callback --------------------------------------------
     def configure_training(self, objectives: Objectives, optim: OptimParams) -> None:
@@ -311,6 +312,7 @@ class ScPrintModule(L.LightningModule):
             "objectives": asdict(self.objectives),
             "optim": asdict(self.optim),
             "config": self.run_config,
+            "requested_config": self.requested_config,
         }
 
     @classmethod

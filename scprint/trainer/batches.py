@@ -378,13 +378,16 @@ def from_scdataloader(inner, genes: list[str], how: str, max_len: int) -> BatchD
     import h5py
     import pandas as pd
 
-    mapped = inner.dataset.mapped_dataset
-    paths = [str(p) for p in mapped.path_list]
+    from scprint.adapters.lamindb import mapped_labels, mapped_layout
+    from scprint.adapters.scdataloader import collate_fn, label_encoders, mapped_dataset
+
+    path_list, indices_list, storage_idx, indices = mapped_layout(mapped_dataset(inner))
+    paths = [str(p) for p in path_list]
     if not all(os.path.isfile(p) for p in paths):
         return None
-    collate = inner.kwargs["collate_fn"]
+    collate = collate_fn(inner)
     class_names = list(inner.classes.keys())
-    encoders = inner.dataset.encoder
+    encoders = label_encoders(inner)
     files, var_names, labels = [], [], []
     for i, path in enumerate(paths):
         cell_file = CellFile(path)
@@ -394,10 +397,10 @@ def from_scdataloader(inner, genes: list[str], how: str, max_len: int) -> BatchD
         with h5py.File(path, "r") as store:
             columns = []
             for name in class_names:
-                values = mapped._get_labels(store, name, storage_idx=i)  # pd.Categorical
+                values = mapped_labels(mapped_dataset(inner), store, name, i)  # pd.Categorical
                 lut = np.array([encoders[name][c] for c in values.categories], dtype=np.int32)
                 columns.append(lut[values.codes])
-            labels.append(np.stack(columns, axis=1)[mapped.indices_list[i]])
+            labels.append(np.stack(columns, axis=1)[indices_list[i]])
     labels = np.concatenate(labels)
 
     # each organism's genes are one block of the vocabulary (genedf lists them in blocks)
@@ -423,8 +426,8 @@ def from_scdataloader(inner, genes: list[str], how: str, max_len: int) -> BatchD
         var_tokens.append(tokens_of[key])
     return BatchDataset(
         files,
-        mapped.storage_idx,
-        mapped.indices,
+        storage_idx,
+        indices,
         labels,
         block,
         var_tokens,

@@ -81,6 +81,14 @@ class ScprintCLI(LightningCLI):
         ]:
             parser.link_arguments(source, target, apply_on="instantiate")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        # the config as asked for (files + command line), kept before Lightning merges a
+        # checkpoint's hyperparameters into `model` (ckpt_path) and before links fill it:
+        # what `scprint train-run` compares when it resumes
+        cfg = self.config.get(self.config.get("subcommand") or "", self.config)
+        self.requested_config = plain_config(cfg)
+
     @property
     def _cfg(self):
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -139,7 +147,8 @@ class ScprintCLI(LightningCLI):
     def _record_config(self) -> None:
         """The merged config goes into every checkpoint (ScPrintModule.on_save_checkpoint)."""
         # plain JSON types only: checkpoints must load with torch.load(weights_only=True)
-        self.model.run_config = json.loads(json.dumps(self._cfg.clone().as_dict(), default=str))
+        self.model.run_config = plain_config(self._cfg)
+        self.model.requested_config = self.requested_config
 
     def _init_from(self) -> None:
         """init_from: the checkpoint's weights into the model built for this data."""
@@ -173,7 +182,15 @@ class ScprintCLI(LightningCLI):
         self._init_from()
 
 
-def build_cli(argv: list[str], run: bool = True) -> ScprintCLI:
+def plain_config(cfg) -> dict:
+    """A jsonargparse Namespace as plain JSON types (checkpoints must load with
+    torch.load(weights_only=True))."""
+    return json.loads(json.dumps(cfg.clone().as_dict(), default=str))
+
+
+def build_cli(
+    argv: list[str], run: bool = True, cli_class: type[ScprintCLI] = ScprintCLI
+) -> ScprintCLI:
     """Parse ``argv`` (subcommand first), build everything and, with ``run``, run it."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -181,7 +198,7 @@ def build_cli(argv: list[str], run: bool = True) -> ScprintCLI:
     with warnings.catch_warnings():
         # we pass args on purpose (scprint's dispatcher strips its own argv[0..1])
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return ScprintCLI(
+        return cli_class(
             ScPrintModule,
             ScprintDataModule,
             args=list(argv),

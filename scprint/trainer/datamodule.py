@@ -41,7 +41,6 @@ class ScprintDataModule(L.LightningDataModule):
         max_len: int = 2200,
         gene_embeddings: str | None = None,
         gene_positions: str | None = None,
-        gene_position_tolerance: int | None = 10_000,
         assays_to_drop: list[str] | None = None,
         replacement: bool = True,
         batch_size: int = 64,
@@ -69,9 +68,8 @@ class ScprintDataModule(L.LightningDataModule):
             how: which genes of a cell become tokens: "random expr", "most expr", "all".
             max_len: gene tokens per cell (expressed genes first, then unexpressed ones).
             gene_embeddings: parquet of gene embeddings; its index restricts the genes.
-            gene_positions: parquet of genomic positions; None: no position encoding.
-            gene_position_tolerance: genes starting within this many bp of the previous
-                one share a rank; None: use the parquet's ``pos`` column as is.
+            gene_positions: parquet of genomic positions (`scprint gene-positions`), whose
+                ``pos`` ranks are used as is; None: no position encoding.
             assays_to_drop: EFO ids of assays left out of training.
             replacement: weighted sampling with replacement.
             batch_size, num_workers: of every DataLoader.
@@ -165,7 +163,7 @@ class ScprintDataModule(L.LightningDataModule):
         self.gene_pos = None
         if gene_positions is not None:
             positions = pd.read_parquet(gene_positions)
-            self.gene_pos = gene_ranks(positions, self.genes, gene_position_tolerance)
+            self.gene_pos = gene_ranks(positions, self.genes)
         log.info(
             "collection %s: %d cells, %d genes, classes %s",
             collection_name,
@@ -333,6 +331,8 @@ def _weighted_sampler():
         return cls
     from scdataloader.datamodule import LabelWeightedSampler
     from torch.utils.data import Sampler
+
+    import scprint.adapters.scdataloader  # noqa: F401  (the version check)
 
     class _TakesDataSource(Sampler):
         def __init__(self, data_source=None):

@@ -15,6 +15,12 @@ declared outputs before it reruns the job, which must not take the resume point 
         [--init-from CKPT] [-- extra fit args]
 
 Arguments after ``--`` come last, so they override everything (e.g. ``--trainer.max_steps``).
+
+Resuming checks the config first (`check_resume_config`): the checkpoint carries the
+config it was trained with, and a run whose config changed since (a new model shape would
+crash, a new learning rate would republish the old weights) is refused with the changed
+keys, unless each is safe to change (SAFE_TO_CHANGE: how long to train) or named with
+``--resume-anyway KEY`` (or ``SCPRINT_RESUME_ANYWAY=KEY,KEY``; ``all`` for any key).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -42,6 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary", required=True, help="JSON summary written at the end")
     parser.add_argument(
         "--config", action="append", required=True, help="training yaml, repeat to merge in order"
+    )
+    parser.add_argument(
+        "--resume-anyway",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="resume although config KEY (e.g. scprint_training.lr) changed; 'all': any key. "
+        "Also SCPRINT_RESUME_ANYWAY=KEY,KEY",
     )
     parser.add_argument("fit_args", nargs="*", help="after --: extra `scprint fit` arguments")
 
@@ -85,12 +100,79 @@ def validation_history(trainer) -> list[dict]:
     return [row for cb in trainer.callbacks if isinstance(cb, ValidationMetrics) for row in cb.history]
 
 
+# what may change between a run and its resumption: how long to train, and where from
+# (init_from is given only to the first run: a resumed run already holds its weights)
+SAFE_TO_CHANGE = frozenset(
+    {
+        "ckpt_path",
+        "init_from",
+        "config",
+        "trainer.max_steps",
+        "trainer.max_epochs",
+        "trainer.max_time",
+    }
+)
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """{"trainer": {"max_steps": 3}} -> {"trainer.max_steps": 3}."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_keys(old: dict, new: dict) -> dict[str, tuple]:
+    """Dotted key -> (old, new) for every value that differs (a missing key reads None)."""
+    old, new = flatten(old), flatten(new)
+    return {
+        k: (old.get(k), new.get(k))
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    }
+
+
+def check_resume_config(checkpoint: Path, new: dict, anyway: set[str]) -> None:
+    """Refuse to resume ``checkpoint`` under a config that changed in a key not safe to
+    change and not in ``anyway``; log the changes it lets through."""
+    import torch
+
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    old = (stored.get("scprint") or {}).get("requested_config")
+    if old is None:
+        log.warning("%s records no config: resuming without comparing configs", checkpoint)
+        return
+    changed = changed_keys(old, new)
+    allowed = changed.keys() if "all" in anyway else SAFE_TO_CHANGE | anyway
+    refused = {k: v for k, v in changed.items() if k not in allowed}
+    for key in changed.keys() - refused.keys():
+        log.info("resuming with %s changed: %r -> %r", key, *changed[key])
+    if refused:
+        listed = "\n".join(f"  - {k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise StageError(
+            f"cannot resume from {checkpoint}: the config changed since it was written:\n"
+            f"{listed}\nFix: to start afresh, delete {checkpoint.parent} (or pick a new "
+            "run name); to resume anyway (only for keys that do not change the model's shape), "
+            "pass `--resume-anyway KEY` per key (`all` for every key) or set "
+            "SCPRINT_RESUME_ANYWAY=KEY,KEY. Safe to change without it: "
+            f"{', '.join(sorted(SAFE_TO_CHANGE))}"
+        )
+
+
+def resume_anyway(args: argparse.Namespace) -> set[str]:
+    from_env = os.environ.get("SCPRINT_RESUME_ANYWAY", "")
+    return {k.strip() for k in [*args.resume_anyway, *from_env.split(",")] if k.strip()}
+
+
 def state_dir(args: argparse.Namespace) -> Path:
     return Path(args.checkpoint_dir) / "state"
 
 
 def run(args: argparse.Namespace) -> None:
-    from scprint.trainer.cli import build_cli
+    from scprint.trainer.cli import ScprintCLI, build_cli
 
     try:
         collection = read_json(args.collection)
@@ -102,7 +184,17 @@ def run(args: argparse.Namespace) -> None:
         ) from err
     argv = fit_argv(args, collection)
     log.info("scprint %s", " ".join(argv))
-    cli = build_cli(argv)
+    cli_class = ScprintCLI
+    if "--ckpt_path" in argv:
+        resumed, anyway = Path(argv[argv.index("--ckpt_path") + 1]), resume_anyway(args)
+
+        class ResumeCheckingCLI(ScprintCLI):
+            def parse_arguments(self, parser, args) -> None:
+                super().parse_arguments(parser, args)  # sets requested_config
+                check_resume_config(resumed, self.requested_config, anyway)
+
+        cli_class = ResumeCheckingCLI
+    cli = build_cli(argv, cli_class=cli_class)
     trainer = cli.trainer
     resume = state_dir(args) / "last.ckpt"
     last = Path(args.checkpoint_dir) / "last.ckpt"

@@ -47,14 +47,9 @@ class WatchModel(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.log_graph and self._graph is None and trainer.is_global_zero:
-            from wandb.integration.torch.wandb_torch import TorchGraph
+            from scprint.adapters.wandb import leaf_graph
 
-            self._graph = TorchGraph()
-            for name, module in pl_module.named_modules():
-                if name and not any(module.children()):  # leaves: what actually computes
-                    self._graph._graph_hooks.add(id(module))
-                    hook = self._graph.create_forward_hook(name, 0)
-                    self._graph_hooks.append(module.register_forward_hook(hook))
+            self._graph = leaf_graph(pl_module, self._graph_hooks)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # gradients are final here (accumulated, unscaled under AMP), before the update
@@ -70,7 +65,9 @@ class WatchModel(L.Callback):
             for hook in self._graph_hooks:
                 hook.remove()
             self._graph_hooks = []
-            self._graph._graph_hooks.clear()  # modules this configuration never runs
+            from scprint.adapters.wandb import drop_unrun
+
+            drop_unrun(self._graph)  # modules this configuration never runs
             for logger in self.loggers:
                 logger.experiment.summary["graph_0"] = self._graph
         step = trainer.global_step

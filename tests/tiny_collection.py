@@ -1,7 +1,7 @@
 """Build a tiny real laminDB collection for the training tests (run as a subprocess; no
 tests in here, pytest only imports it).
 
-usage: python tests/test_fit_tiny_collection.py WORKDIR KEY N_GENES
+usage: python tests/tiny_collection.py WORKDIR KEY N_GENES
 
 Creates the bionty records scdataloader's DataModule reads (one organism, its genes, cell
 types / tissues / diseases / assays with parents, the "unknown" terms), writes two small
