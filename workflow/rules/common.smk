@@ -1,3 +1,4 @@
+import json
 import shlex
 from pathlib import Path
 
@@ -32,6 +33,8 @@ TINY_ESM = "resources/tiny-esm2"
 RUN = config["train"]["run"]
 CHECKPOINT = f"checkpoints/{RUN}/last.ckpt"
 TRAIN_SUMMARY = f"results/train/{RUN}.json"
+FINETUNE = config["finetune"]["name"]
+FINETUNE_SUMMARY = f"results/finetune/{FINETUNE}.json"
 
 
 wildcard_constraints:
@@ -46,6 +49,7 @@ def all_outputs():
         GENE_EMBEDDINGS,
         CHECKPOINT,
         TRAIN_SUMMARY,
+        *([FINETUNE_SUMMARY] if FINETUNE else []),
     ]
 
 
@@ -162,4 +166,27 @@ def train_args():
     args = [repeated("--config", t["configs"])]
     if t["args"]:
         args.append("-- " + " ".join(shell_quote(a) for a in t["args"]))
+    return " ".join(args)
+
+
+def finetune_checkpoint():
+    """The configured checkpoint, or this workflow's trained one."""
+    return config["finetune"]["checkpoint"] or CHECKPOINT
+
+
+def finetune_h5ad():
+    return config["finetune"]["h5ad"]
+
+
+def finetune_args():
+    f = config["finetune"]
+    args = [
+        f"--data.h5ad {shell_quote(json.dumps(f['h5ad']))}",
+        f"--data.label_key {shell_quote(f['label_key'])}",
+    ]
+    args += [
+        f"--lora.{key} {shell_quote(json.dumps(value))}"
+        for key, value in f["lora"].items()
+    ]
+    args += [shell_quote(a) for a in f["args"]]
     return " ".join(args)
