@@ -21,7 +21,7 @@ from conftest import REPO
 SNAKEFILE = REPO / "workflow" / "Snakefile"
 EVERY_RULE = {
     "lamin_instance", "ontologies", "demo_data", "list_datasets", "download", "preprocess",
-    "collection", "gene_positions", "tiny_esm", "gene_embeddings", "train",
+    "collection", "gene_positions", "tiny_esm", "gene_embeddings", "train", "finetune",
 }  # fmt: skip
 
 
@@ -135,7 +135,9 @@ def test_finished_dag_dry_run_has_nothing_to_do_and_forced_shows_every_rule(demo
     # forcing the listing (a checkpoint) hides the per-dataset jobs until it has run again
     assert set(forced) == EVERY_RULE - {"download", "preprocess"} | {"all"}
     redownload = job_counts(snakemake(demo_run, "-n", "-R", "download", DEMO, "all").stdout)
-    assert redownload == {"download": 4, "preprocess": 4, "collection": 1, "train": 1, "all": 1}
+    assert redownload == {
+        "download": 4, "preprocess": 4, "collection": 1, "train": 1, "finetune": 1, "all": 1,
+    }  # fmt: skip
 
 
 @pytest.mark.slow
