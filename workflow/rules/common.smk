@@ -174,8 +174,13 @@ def finetune_checkpoint():
     return config["finetune"]["checkpoint"] or CHECKPOINT
 
 
-def finetune_h5ad():
-    return config["finetune"]["h5ad"]
+def finetune_h5ad(wildcards):
+    """The labeled files; processed ones wait for the listing (a checkpoint), as the
+    collection does, so the DAG has the same shape with or without fine-tuning."""
+    files = config["finetune"]["h5ad"]
+    if any(Path(f).parent == Path(PROCESSED).parent for f in files):
+        dataset_ids()
+    return files
 
 
 def finetune_args():

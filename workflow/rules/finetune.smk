@@ -1,7 +1,7 @@
 rule finetune:
     input:
         checkpoint=finetune_checkpoint(),
-        h5ad=finetune_h5ad(),
+        h5ad=finetune_h5ad,
         config=config["finetune"]["config"],
     output:
         adapter=directory(f"checkpoints/finetune/{FINETUNE}/adapter"),
