@@ -22,7 +22,11 @@ from bench.common import Row, section_parser, write_section
 
 SHAPE = dict(d_model=128, nhead=4, nlayers=4)
 N_GENES, D_GENE, N_LABELS = 20_000, 1_280, 20
-IMPLS = {"full": "full fine-tuning", "lora": "LoRA r=4 (peft)"}
+IMPLS = {  # name -> (row label, LoRA dropout or None for full fine-tuning)
+    "full": ("full fine-tuning", None),
+    "lora": ("LoRA r=4 (peft), dropout 0.05", 0.05),
+    "lora-nodrop": ("LoRA r=4 (peft), dropout 0", 0.0),
+}
 
 
 def _status_mb(field: str) -> float:
@@ -48,8 +52,9 @@ def worker(impl: str, B: int, L: int, steps: int) -> dict:
     net = ScPrint(cfg, torch.randn(N_GENES, D_GENE))
     model = Classifier(net, N_LABELS)
     total = count_params(model.net)
-    if impl == "lora":
-        model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.05))
+    dropout = IMPLS[impl][1]
+    if dropout is not None:  # peft keeps a dropped-out copy of each adapted layer's input
+        model = add_lora(model, LoraSettings(r=4, alpha=16, dropout=dropout))
     model = model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     B, L, steps = (8, 256, 3) if args.quick else (16, 1024, 5)
     rows = []
-    for impl, label in IMPLS.items():
+    for impl, (label, _) in IMPLS.items():
         proc = subprocess.run(
             [sys.executable, "-c", f"import json,bench.finetune as f; print(json.dumps("
              f"f.worker({impl!r}, {B}, {L}, {steps})))"],
