@@ -126,6 +126,9 @@ def test_whole_dag_produces_a_checkpoint_from_the_demo(demo_run):
     assert ckpt["global_step"] > 0 and ckpt["state_dict"]
     summary = yaml.safe_load((demo_run / "results" / "train" / "demo.json").read_text())
     assert summary["run"] == "demo"
+    finetuned = yaml.safe_load((demo_run / "results" / "finetune" / "demo-blood.json").read_text())
+    assert len(finetuned["labels"]) == 5 and finetuned["trainable_params"] > 0
+    assert (demo_run / "checkpoints" / "finetune" / "demo-blood" / "merged.ckpt").exists()
 
 
 @pytest.mark.slow
