@@ -19,6 +19,7 @@ SECTIONS = {
     "dag": "snakemake dry run with many datasets: time and memory",
     "preprocess": "preprocess stage vs scdataloader's Preprocessor: cells/s",
     "embeddings": "ESM gene embeddings: proteins/s vs a notebook loop (650M shape on GPU)",
+    "finetune": "fine-tuning step: LoRA vs full fine-tuning, ms and peak memory",
     "gpu": "model step on a GPU: tokens/s, MFU, memory (skipped without CUDA)",
 }
 

@@ -29,6 +29,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "train-run": ("scprint.trainer.run", "run `scprint fit` for the workflow and summarise it"),
 }
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+FINETUNE_HELP = "LoRA fine-tuning on a labeled h5ad (config/finetune.yml)"
 
 
 def _usage() -> str:
@@ -36,6 +37,7 @@ def _usage() -> str:
     lines += [f"  {name:<16}see `scprint {name} --help`" for name in LIGHTNING_SUBCOMMANDS]
     lines += ["", "pipeline stages:"]
     lines += [f"  {name:<16}{help_}" for name, (_, help_) in STAGES.items()]
+    lines += [f"  {'finetune':<16}{FINETUNE_HELP}"]
     return "\n".join(lines)
 
 
@@ -55,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
         lightning_main([command, *rest])
         return 0
+    if command == "finetune":  # jsonargparse config files + dotted overrides, like fit
+        from scprint.finetune.run import main as finetune_main
+
+        return finetune_main(rest)
     if command not in STAGES:
         print(f"scprint: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2

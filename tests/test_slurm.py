@@ -37,7 +37,7 @@ CLUSTER_OVERRIDES = [
     "--seconds-between-status-checks", "1",
 ]  # fmt: skip
 INTERNET_PARTITION = "internet"
-GPU_RULES = {"gene_embeddings", "train"}
+GPU_RULES = {"gene_embeddings", "train", "finetune"}
 
 
 # -- the cluster ---------------------------------------------------------------------------

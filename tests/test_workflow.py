@@ -21,7 +21,7 @@ from conftest import REPO
 SNAKEFILE = REPO / "workflow" / "Snakefile"
 EVERY_RULE = {
     "lamin_instance", "ontologies", "demo_data", "list_datasets", "download", "preprocess",
-    "collection", "gene_positions", "tiny_esm", "gene_embeddings", "train",
+    "collection", "gene_positions", "tiny_esm", "gene_embeddings", "train", "finetune",
 }  # fmt: skip
 
 
@@ -126,6 +126,9 @@ def test_whole_dag_produces_a_checkpoint_from_the_demo(demo_run):
     assert ckpt["global_step"] > 0 and ckpt["state_dict"]
     summary = yaml.safe_load((demo_run / "results" / "train" / "demo.json").read_text())
     assert summary["run"] == "demo"
+    finetuned = yaml.safe_load((demo_run / "results" / "finetune" / "demo-blood.json").read_text())
+    assert len(finetuned["labels"]) == 5 and finetuned["trainable_params"] > 0
+    assert (demo_run / "checkpoints" / "finetune" / "demo-blood" / "merged.ckpt").exists()
 
 
 @pytest.mark.slow
@@ -135,7 +138,9 @@ def test_finished_dag_dry_run_has_nothing_to_do_and_forced_shows_every_rule(demo
     # forcing the listing (a checkpoint) hides the per-dataset jobs until it has run again
     assert set(forced) == EVERY_RULE - {"download", "preprocess"} | {"all"}
     redownload = job_counts(snakemake(demo_run, "-n", "-R", "download", DEMO, "all").stdout)
-    assert redownload == {"download": 4, "preprocess": 4, "collection": 1, "train": 1, "all": 1}
+    assert redownload == {
+        "download": 4, "preprocess": 4, "collection": 1, "train": 1, "finetune": 1, "all": 1,
+    }  # fmt: skip
 
 
 @pytest.mark.slow

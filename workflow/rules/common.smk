@@ -1,3 +1,4 @@
+import json
 import shlex
 from pathlib import Path
 
@@ -32,6 +33,8 @@ TINY_ESM = "resources/tiny-esm2"
 RUN = config["train"]["run"]
 CHECKPOINT = f"checkpoints/{RUN}/last.ckpt"
 TRAIN_SUMMARY = f"results/train/{RUN}.json"
+FINETUNE = config["finetune"]["name"]
+FINETUNE_SUMMARY = f"results/finetune/{FINETUNE}.json"
 
 
 wildcard_constraints:
@@ -46,6 +49,7 @@ def all_outputs():
         GENE_EMBEDDINGS,
         CHECKPOINT,
         TRAIN_SUMMARY,
+        *([FINETUNE_SUMMARY] if FINETUNE else []),
     ]
 
 
@@ -169,4 +173,32 @@ def train_args():
         args.append(f"--init-from {shell_quote(t['init_from'])}")
     if t["args"]:
         args.append("-- " + " ".join(shell_quote(a) for a in t["args"]))
+    return " ".join(args)
+
+
+def finetune_checkpoint():
+    """The configured checkpoint, or this workflow's trained one."""
+    return config["finetune"]["checkpoint"] or CHECKPOINT
+
+
+def finetune_h5ad(wildcards):
+    """The labeled files; processed ones wait for the listing (a checkpoint), as the
+    collection does, so the DAG has the same shape with or without fine-tuning."""
+    files = config["finetune"]["h5ad"]
+    if any(Path(f).parent == Path(PROCESSED).parent for f in files):
+        dataset_ids()
+    return files
+
+
+def finetune_args():
+    f = config["finetune"]
+    args = [
+        f"--data.h5ad {shell_quote(json.dumps(f['h5ad']))}",
+        f"--data.label_key {shell_quote(f['label_key'])}",
+    ]
+    args += [
+        f"--lora.{key} {shell_quote(json.dumps(value))}"
+        for key, value in f["lora"].items()
+    ]
+    args += [shell_quote(a) for a in f["args"]]
     return " ".join(args)

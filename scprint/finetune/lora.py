@@ -1,0 +1,133 @@
+"""The fine-tuned network: a pre-trained scPRINT with peft LoRA adapters on its transformer
+blocks and a new linear head on the cell embedding; saving it as an adapter (small) or
+merged into a checkpoint that loads like any other (``ScPrintModule.load``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from scprint.finetune import backbone
+from scprint.io import atomic_path
+
+
+@dataclass
+class LoraSettings:
+    """peft LoRA on the transformer blocks' Linear layers.
+
+    Args:
+        r: rank of each adapter (its trainable matrices are r x in and out x r).
+        alpha: scaling numerator: the update is (alpha / r) * B @ A.
+        dropout: dropout on the adapters' input.
+        target_modules: peft target_modules (names or name suffixes of nn.Linear layers);
+            null: every Linear inside the transformer blocks (attention and MLP).
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+
+
+class Head(nn.Module):
+    """The new classifier: a Linear layer on the cell embedding standardised with the
+    frozen model's per-dimension mean and scale over the training cells, as the linear
+    probe sees it. The Linear layer starts at zero: every label equally likely."""
+
+    def __init__(self, d: int, n_labels: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("scale", torch.ones(d))
+        self.linear = nn.Linear(d, n_labels)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, K)
+        return self.linear((emb - self.mean) / self.scale)
+
+    @torch.no_grad()
+    def standardise(self, mean, scale) -> None:
+        self.mean.copy_(torch.as_tensor(mean))
+        self.scale.copy_(torch.as_tensor(scale))
+
+
+class Classifier(nn.Module):
+    """The pre-trained network plus a new head: (B, L) cells -> (B, K) label logits."""
+
+    def __init__(self, net: nn.Module, n_labels: int):
+        super().__init__()
+        self.net = net
+        self.head = Head(backbone.embedding_width(net), n_labels)
+
+    def embed(self, genes, x, depth) -> torch.Tensor:  # (B, D)
+        return backbone.cell_embedding(self.net, genes, x, depth)
+
+    def forward(self, genes, x, depth) -> torch.Tensor:  # (B, K)
+        return self.head(self.embed(genes, x, depth))
+
+
+def add_lora(model: Classifier, settings: LoraSettings):
+    """Wrap ``model`` (in place) in a peft model: only the adapters and the head train."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = settings.target_modules or backbone.lora_targets(model.net, prefix="net.")
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        modules_to_save=["head"],
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # peft: "Target modules ... not found in the base model"
+        raise ValueError(f"lora.target_modules={settings.target_modules}: {err}") from err
+
+
+def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def save_merged(
+    peft_model, base_checkpoint: str | Path, out: str | Path, finetune_info: dict
+) -> None:
+    """The base checkpoint with LoRA merged into its weights; the head, its labels and the
+    LoRA settings go under checkpoint["finetune"] (ScPrintModule.load ignores the key)."""
+    merged = peft_model.merge_and_unload()  # peft: W + (alpha / r) B A, adapters removed
+    base = torch.load(base_checkpoint, map_location="cpu", weights_only=False)
+    state = {f"net.{k}": v.detach().cpu() for k, v in merged.net.state_dict().items()}
+    if set(state) != set(base["state_dict"]):
+        raise RuntimeError(
+            f"merged weights do not match the checkpoint's keys: "
+            f"{sorted(set(state) ^ set(base['state_dict']))[:5]}"
+        )
+    keep = ("hyper_parameters", "scprint", "pytorch-lightning_version", "hparams_name")
+    checkpoint = {k: base[k] for k in keep if k in base}
+    checkpoint.update(epoch=0, global_step=0, state_dict=state)
+    checkpoint["finetune"] = {
+        **finetune_info,
+        "head": {k: v.detach().cpu() for k, v in merged.head.state_dict().items()},
+    }
+    with atomic_path(out) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_merged(path: str | Path, device: str = "cpu") -> tuple[Classifier, dict]:
+    """A merged fine-tuned checkpoint -> (Classifier in eval mode, checkpoint["finetune"])."""
+    info = torch.load(path, map_location="cpu", weights_only=False)["finetune"]
+    module = backbone.load_backbone(path, device)
+    model = Classifier(module.net, len(info["labels"]))
+    model.head.load_state_dict(info["head"])
+    return model.to(device).eval(), info
+
+
+def load_adapter(base_checkpoint: str | Path, adapter_dir: str | Path, n_labels: int, device="cpu"):
+    """Base checkpoint + saved adapter -> the peft model, in eval mode."""
+    from peft import PeftModel
+
+    module = backbone.load_backbone(base_checkpoint, device)
+    model = Classifier(module.net, n_labels).to(device)
+    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
