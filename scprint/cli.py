@@ -26,6 +26,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "gene-embeddings": ("scprint.embeddings.esm", "ESM2 protein embeddings per gene"),
     "tiny-esm": ("scprint.embeddings.esm_tiny", "save a tiny random ESM2 model (demo/tests)"),
     "train-run": ("scprint.trainer.run", "run `scprint fit` for the workflow and summarise it"),
+    "report-datasets": ("scprint.report.datasets", "report figures: datasets table, QC"),
+    "report-collection": ("scprint.report.collection", "report figures: collection, sampler"),
+    "report-genes": ("scprint.report.genes", "report figures: gene embeddings, positions"),
+    "report-training": ("scprint.report.training", "report figures: training curves"),
 }
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 

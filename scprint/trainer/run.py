@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-dir", required=True, help="where last.ckpt goes")
     parser.add_argument("--summary", required=True, help="JSON summary written at the end")
     parser.add_argument(
+        "--metrics", default=None, help="CSV of every logged metric (the MetricsLog callback's)"
+    )
+    parser.add_argument(
         "--config", action="append", required=True, help="training yaml, repeat to merge in order"
     )
     parser.add_argument("fit_args", nargs="*", help="after --: extra `scprint fit` arguments")
@@ -113,6 +116,20 @@ def run(args: argparse.Namespace) -> None:
                     k: collection.get(k) for k in ("key", "uid", "n_cells", "n_datasets")
                 },
                 "argv": argv,
+                "metrics": args.metrics,
                 "config": cli.model.run_config,
             },
         )
+        if args.metrics:
+            publish_metrics(state_dir(args), args.metrics)
+
+
+def publish_metrics(state: Path, out: str) -> None:
+    """The MetricsLog versions of this run (one per start) as one CSV history."""
+    from scprint.trainer.metrics import merge_versions, version_files
+
+    files = version_files(state)
+    if not files:
+        log.warning("no metrics under %s (MetricsLog not in trainer.callbacks?)", state)
+    with atomic_path(out) as tmp:
+        merge_versions(files).to_csv(tmp, index=False)

@@ -32,6 +32,8 @@ TINY_ESM = "resources/tiny-esm2"
 RUN = config["train"]["run"]
 CHECKPOINT = f"checkpoints/{RUN}/last.ckpt"
 TRAIN_SUMMARY = f"results/train/{RUN}.json"
+TRAIN_METRICS = f"results/train/{RUN}_metrics.csv"
+REPORT_DIR = "results/report"
 
 
 wildcard_constraints:
