@@ -77,5 +77,17 @@ def progress(total: int | None, desc: str, unit: str = "it", initial: int = 0, s
     return LogProgress(total, desc, unit, initial, scale)
 
 
+def quiet_library_bars() -> None:
+    """Turn off the progress bars of transformers / huggingface_hub when stderr is a log."""
+    import os
+
+    if sys.stderr.isatty():
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def megabytes(value: float) -> str:
     return f"{value / 2**20:,.1f} M"

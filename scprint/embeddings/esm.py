@@ -82,6 +82,10 @@ def load_model(name_or_path: str):
     """(tokenizer, EsmModel) from a local directory, or from the hub / the HF cache."""
     from transformers import AutoConfig, EsmModel, EsmTokenizer
 
+    from scprint.progress import quiet_library_bars
+
+    quiet_library_bars()
+
     local = Path(name_or_path)
     if local.exists():
         if not (local / "config.json").is_file():

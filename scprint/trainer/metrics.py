@@ -5,12 +5,15 @@ spreadsheet) this adds Lightning's CSVLogger beside the configured logger:
 ``<trainer.default_root_dir or dirpath>/metrics/version_N/metrics.csv``, a new version per
 (re)start. `merge_versions` joins them into one history; steps a resumed run redid are
 taken from the newer version. ``train/cells_per_s`` is logged over the last
-``log_every_n_steps`` batches, data loading included, summed over all ranks.
+``log_every_n_steps`` batches, data loading included, summed over all ranks. A log line
+is also written each time another 10% of the run's steps is done (`scprint train-run` turns
+the tqdm bar off when its output goes to a log file).
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 METRICS_NAME = "metrics"
+log = logging.getLogger(__name__)
 
 
 class MetricsLog(Callback):
@@ -29,6 +33,7 @@ class MetricsLog(Callback):
         self.dirpath = dirpath
         self._window: collections.deque = collections.deque()
         self._started: float | None = None
+        self._tenths = -1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or any(isinstance(lg, CSVLogger) for lg in trainer.loggers):
@@ -50,9 +55,23 @@ class MetricsLog(Callback):
         while len(self._window) > max(1, trainer.log_every_n_steps):
             self._window.popleft()
         elapsed = now - self._window[0][0]
-        if elapsed > 0:
-            rate = sum(c for _, c in self._window) / elapsed
-            pl_module.log("train/cells_per_s", float(rate), on_step=True, batch_size=cells)
+        rate = sum(c for _, c in self._window) / elapsed if elapsed > 0 else 0.0
+        pl_module.log("train/cells_per_s", float(rate), on_step=True, batch_size=cells)
+        self._log_tenth(trainer, rate)
+
+    def _log_tenth(self, trainer, rate: float) -> None:
+        total = trainer.estimated_stepping_batches
+        if not trainer.is_global_zero or not total or total == float("inf"):
+            return
+        tenths = int(10 * trainer.global_step / total)
+        if self._tenths < 0:
+            self._tenths = tenths  # a resumed run reports from where it starts
+        elif tenths > self._tenths:
+            self._tenths = tenths
+            log.info(
+                "training: %d%% (step %d/%d, epoch %d, %.0f cells/s)",
+                10 * tenths, trainer.global_step, total, trainer.current_epoch, rate,
+            )  # fmt: skip
 
 
 def version_files(root: str | Path) -> list[Path]:

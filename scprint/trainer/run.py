@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 from scprint.io import StageError, atomic_path, read_json, write_json
@@ -62,6 +63,8 @@ def fit_argv(args: argparse.Namespace, collection: dict) -> list[str]:
         argv += ["--data.gene_positions", args.gene_positions]
     if collection.get("organisms"):
         argv += ["--data.organisms", json.dumps(list(collection["organisms"]))]
+    if not sys.stderr.isatty():  # a log file: MetricsLog writes a line per 10% instead
+        argv += ["--trainer.enable_progress_bar", "false"]
     resume = resume_checkpoint(state_dir(args))
     if resume is not None:
         argv += ["--ckpt_path", str(resume)]
