@@ -106,7 +106,7 @@ def plot_cells(rows: list[dict], out: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("cells")
     ax.set_title(f"Cells per dataset: {kept.sum():,} kept, {dropped.sum():,} dropped")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(fig, out)
 
 
