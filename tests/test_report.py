@@ -94,7 +94,8 @@ def test_metrics_log_writes_every_logged_value_and_throughput(tmp_path):
         trainer = pl.Trainer(
             max_steps=max_steps, log_every_n_steps=2, val_check_interval=3,
             limit_val_batches=1, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, default_root_dir=tmp_path, callbacks=[MetricsLog()],
+            enable_model_summary=False, default_root_dir=tmp_path,
+            callbacks=[MetricsLog(dirpath=str(tmp_path / "csv"))],
         )  # fmt: skip
         trainer.fit(Module(), data, data, ckpt_path=ckpt)
         return trainer
@@ -102,7 +103,9 @@ def test_metrics_log_writes_every_logged_value_and_throughput(tmp_path):
     trainer = fit(4)
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
     fit(6, tmp_path / "mid.ckpt")  # a restart: a second CSV version, steps 5 and 6
-    history = merge_versions(version_files(tmp_path))
+    assert version_files(tmp_path) == []  # dirpath, not default_root_dir
+    assert len(version_files(tmp_path / "csv")) == 2
+    history = merge_versions(version_files(tmp_path / "csv"))
     train = history.dropna(subset=["train/loss"])
     assert train["step"].tolist() == [1, 3, 5]  # Lightning logs step index 1, 3, 5
     assert (history["train/cells_per_s"].dropna() > 0).all()

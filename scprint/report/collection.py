@@ -1,7 +1,8 @@
 """`scprint report-collection`: the Collection category of the report.
 
 - composition: cells by organism, assay, tissue, disease and the most frequent cell types,
-  from the obs of the processed files the collection holds;
+  from the obs of the processed files the collection holds, named from the laminDB
+  registries (the ontologies stage);
 - the weighted sampler's effect: for each ``data.clss_to_weight`` column, each label's share
   of the cells against its expected share of the sampled cells. The sampler (scdataloader's
   LabelWeightedSampler) draws a label combination with weight ``s * n / (n + s)`` (``n``
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scprint.data.ontologies import REGISTRY_FOR_COLUMN as REGISTRY_COLUMNS
 from scprint.io import StageError, read_json
 from scprint.report.common import no_data_figure, pyplot, save_figure, short_label
 
@@ -50,6 +52,22 @@ def read_obs(paths: list[str], columns: list[str]):
         finally:
             adata.file.close()
     return pd.concat(frames, ignore_index=True)
+
+
+def term_names(obs, columns) -> dict[str, str]:
+    """ontology id -> "name (id)" from the laminDB registries; ids they lack stay ids."""
+    import bionty as bt
+
+    from scprint.data.lamin import connect
+
+    connect()
+    names = {}
+    for column in columns:
+        registry = getattr(bt, REGISTRY_COLUMNS[column])
+        ids = sorted(obs[column].unique())
+        for term, name in registry.filter(ontology_id__in=ids).values_list("ontology_id", "name"):
+            names[term] = f"{name} ({term})"
+    return names
 
 
 def top_counts(values, top: int = TOP):
@@ -140,7 +158,10 @@ def run(args: argparse.Namespace) -> None:
     data = training_data_config(args.train_config)
     weighted = list(data.get("clss_to_weight") or [])
     scaler = float(data.get("weight_scaler") or 0)
-    obs = read_obs(args.processed, sorted(set(COMPOSITION) | set(weighted)))
+    columns = sorted(set(COMPOSITION) | set(weighted))
+    obs = read_obs(args.processed, columns)
+    names = term_names(obs, [c for c in columns if c in REGISTRY_COLUMNS])
+    obs = obs.apply(lambda col: col.map(lambda v: names.get(v, v)))
     plot_composition(obs, collection, Path(args.composition))
     if weighted and scaler > 0:
         plot_sampler(sampler_shares(obs, weighted, scaler), scaler, Path(args.sampler))
