@@ -54,7 +54,7 @@ def plot_coverage(table, out: Path) -> None:
     ax.set_yticks(y, labels, fontsize=9)
     ax.invert_yaxis()
     ax.set_xlabel("genes")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Gene embedding coverage per organism")
     save_figure(fig, out)
 
