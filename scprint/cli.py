@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from scprint.io import StageError
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if not sys.stderr.isatty():  # a log file: library tqdm bars would fill it with \r updates
+        os.environ.setdefault("TQDM_DISABLE", "1")  # (ours log a line per 10%: scprint.progress)
     if command == "--version":
         from scprint import __version__
 
