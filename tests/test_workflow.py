@@ -219,8 +219,9 @@ def test_report_in_a_browser(demo_run):
 
 @pytest.mark.slow
 def test_logs_have_progress_lines_and_no_carriage_returns(demo_run):
-    logs = {p: p.read_text() for p in demo_run.glob("logs/*/*.log")}
-    assert not [p for p, text in logs.items() if "\r" in text]
+    raw = {p: p.read_bytes() for p in demo_run.glob("logs/*/*.log")}
+    assert not [p for p, text in raw.items() if b"\r" in text]  # (read_text would hide them)
+    logs = {p: text.decode() for p, text in raw.items()}
     embeddings = logs[demo_run / "logs/gene_embeddings/gene_embeddings.log"]
     assert "ESM embeddings: 100% (2,400/2,400 proteins" in embeddings
     assert (

@@ -44,7 +44,7 @@ def plot_curves(frame, out: Path) -> None:
             ax.plot(x, y, marker="." if len(x) < 30 else None, label=column)
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     save_figure(fig, out)
 
@@ -60,7 +60,7 @@ def plot_lr_throughput(frame, out: Path) -> None:
         ax_lr.plot(*series(frame, column), label=column)
     ax_lr.set_ylabel("learning rate")
     if lrs:
-        ax_lr.legend(fontsize=8)
+        ax_lr.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if THROUGHPUT in frame.columns:
         x, y = series(frame, THROUGHPUT)
         ax_tp.plot(x, y, color="#636363")
