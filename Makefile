@@ -1,4 +1,4 @@
-# `make demo`: install into .venv and run the whole DAG on the embedded demo config.
+# `make demo`: install into .venv, run the whole DAG on the embedded demo config, write report.html.
 # `make test`: install into .venv and run the test suite.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -17,6 +17,7 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	snakemake --profile profiles/local --configfile=config/demo.yaml all
+	snakemake --profile profiles/local --configfile=config/demo.yaml --report report.html
 
 test: $(VENV)/.installed
 	python -m pytest
@@ -27,7 +28,7 @@ lint: $(VENV)/.installed
 	snakemake --lint --configfile=config/demo.yaml
 
 clean-demo:
-	rm -rf results data logs checkpoints resources lamin wandb .snakemake
+	rm -rf results data logs checkpoints resources lamin wandb .snakemake report.html
 
 # `make bench`: every benchmark section, each figure next to its baselines (bench/README.md)
 bench: $(VENV)/.installed

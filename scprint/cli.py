@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from scprint.io import StageError
@@ -27,6 +28,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "tiny-esm": ("scprint.embeddings.esm_tiny", "save a tiny random ESM2 model (demo/tests)"),
     "convert": ("scprint.model.convert", "checkpoints to/from upstream scPRINT 2.3.8 (.ckpt)"),
     "train-run": ("scprint.trainer.run", "run `scprint fit` for the workflow and summarise it"),
+    "report-datasets": ("scprint.report.datasets", "report figures: datasets table, QC"),
+    "report-collection": ("scprint.report.collection", "report figures: collection, sampler"),
+    "report-genes": ("scprint.report.genes", "report figures: gene embeddings, positions"),
+    "report-training": ("scprint.report.training", "report figures: training curves"),
 }
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 FINETUNE_HELP = "LoRA fine-tuning on a labeled h5ad (config/finetune.yml)"
@@ -47,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if not sys.stderr.isatty():  # a log file: library tqdm bars would fill it with \r updates
+        os.environ.setdefault("TQDM_DISABLE", "1")  # (ours log a line per 10%: scprint.progress)
     if command == "--version":
         from scprint import __version__
 

@@ -318,6 +318,8 @@ def test_bad_input_is_refused(workdir, case):
     assert "Traceback" not in proc.stderr
     assert not (workdir / "data" / "processed" / f"{dataset}.h5ad").exists()
     assert not (workdir / "results" / "preprocess" / f"{dataset}.json").exists()
+    refusal = json.loads((workdir / "results/preprocess/refused" / f"{dataset}.json").read_text())
+    assert refusal["dataset"] == dataset and phrases[0] in refusal["reason"]  # report's table
 
 
 def test_refused_before_the_ontologies_are_populated(tmp_path):

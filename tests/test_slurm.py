@@ -467,6 +467,7 @@ def test_the_demo_dag_runs_on_slurm_with_every_rule_in_its_partition(cluster, tm
     assert set(by_rule) == {
         "lamin_instance", "ontologies", "demo_data", "list_datasets", "download", "preprocess",
         "collection", "gene_positions", "tiny_esm", "gene_embeddings", "train",
+        "report_datasets", "report_collection", "report_genes", "report_training",
     }  # fmt: skip
     assert len(by_rule["download"]) == len(by_rule["preprocess"]) == 4
     for rule, jobs in by_rule.items():
@@ -491,3 +492,10 @@ def test_the_demo_dag_runs_on_slurm_with_every_rule_in_its_partition(cluster, tm
         snakefile=REPO / "workflow" / "Snakefile",
     )  # fmt: skip
     assert "Nothing to be done" in again.stdout + again.stderr
+    # the report, made through the same profile on the login node, submits no job
+    snakemake(
+        cluster, workdir, "--configfile=config/demo.yaml", "--report", "report.html",
+        snakefile=REPO / "workflow" / "Snakefile",
+    )  # fmt: skip
+    report = (workdir / "report.html").read_text()
+    assert "results/report/training/curves.png" in report and "dataset table" in report

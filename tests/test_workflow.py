@@ -6,6 +6,7 @@ tests below read what it left behind, then rerun parts of it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,15 @@ SNAKEFILE = REPO / "workflow" / "Snakefile"
 EVERY_RULE = {
     "lamin_instance", "ontologies", "demo_data", "list_datasets", "download", "preprocess",
     "collection", "gene_positions", "tiny_esm", "gene_embeddings", "train", "finetune",
+    "report_datasets", "report_collection", "report_genes", "report_training",
+}  # fmt: skip
+# (category, label) of every report item: the `report(...)` outputs of workflow/rules/report.smk
+REPORT_ITEMS = {
+    ("Datasets", "dataset table"), ("Datasets", "cells kept and dropped"),
+    ("Datasets", "counts and genes per cell"), ("Collection", "composition"),
+    ("Collection", "weighted sampler"), ("Genes", "embedding coverage"),
+    ("Genes", "genes per chromosome"), ("Training", "losses and validation metrics"),
+    ("Training", "learning rate and throughput"), ("Training", "final checkpoint"),
 }  # fmt: skip
 
 
@@ -140,7 +150,88 @@ def test_finished_dag_dry_run_has_nothing_to_do_and_forced_shows_every_rule(demo
     redownload = job_counts(snakemake(demo_run, "-n", "-R", "download", DEMO, "all").stdout)
     assert redownload == {
         "download": 4, "preprocess": 4, "collection": 1, "train": 1, "finetune": 1, "all": 1,
+        "report_datasets": 1, "report_collection": 1, "report_training": 1,
     }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_report_in_a_browser(demo_run):
+    """`snakemake --report` as `make demo` runs it, opened in headless Chromium."""
+    import report_browser
+
+    if not report_browser.available():
+        pytest.fail(
+            "chromium and chromium-driver are needed (Debian packages; .ci/run installs them)"
+        )
+    outputs = [p for p in demo_run.rglob("*") if p.is_file() and ".snakemake" not in p.parts]
+    before = {p: p.stat().st_mtime_ns for p in outputs}
+    snakemake(demo_run, DEMO, "--report", "report.html")
+    changed = [p for p, t in before.items() if not p.exists() or p.stat().st_mtime_ns != t]
+    assert not changed, f"--report recomputed {changed}"
+
+    with report_browser.browser() as driver:
+        driver.get((demo_run / "report.html").as_uri())
+        categories = report_browser.wait_for(
+            driver, "typeof categories != 'undefined' && categories"
+        )
+        results = driver.execute_script(
+            "return Object.fromEntries(Object.entries(results).map(([k, v]) =>"
+            " [k, {labels: v.labels, caption: v.caption, mime: v.mime_type}]))"
+        )
+        listed = {
+            (category, results[path]["labels"]["figure"])
+            for category, subcategories in categories.items()
+            for paths in subcategories.values()
+            for path in paths
+        }
+        assert listed == REPORT_ITEMS
+        assert all(len(r["caption"]) > 40 for r in results.values())  # every item has one
+
+        for category, label in sorted(REPORT_ITEMS):
+            report_browser.show_item(driver, category, label)
+            images = report_browser.shown_images(driver)
+            if label in ("dataset table", "final checkpoint"):
+                assert driver.find_elements("tag name", "iframe"), label
+                continue
+            assert any(i["src"].startswith("data:image/png") for i in images), (label, images)
+            assert all(i["width"] > 0 for i in images), (label, images)
+
+        report_browser.show_item(driver, "Datasets", "dataset table")
+        table = report_browser.iframe_table(driver, "datasets")
+        assert report_browser.console_errors(driver) == []
+        assert report_browser.remote_resources(driver) == []
+
+    reports = {
+        p.stem: json.loads(p.read_text()) for p in (demo_run / "results/preprocess").glob("*.json")
+    }
+    assert sorted(row["dataset"] for row in table) == sorted(reports)
+    for row in table:
+        r = reports[row["dataset"]]
+        expected = {
+            "organism": r["organism"], "status": "preprocessed", "counts source": r["counts_from"],
+            "cells in": r["cells"]["before"], "cells kept": r["cells"]["after"],
+            "cells dropped": r["cells"]["before"] - r["cells"]["after"],
+            "genes in file": r["genes"]["before"], "genes matched": r["genes"]["known_to_registry"],
+            "genes after": r["genes"]["after"],
+        }  # fmt: skip
+        shown = {k: row[k] if isinstance(v, str) else int(row[k]) for k, v in expected.items()}
+        assert shown == expected
+    assert reports["demo-human-lung"]["counts_from"] == "raw.X"  # the table shows both sources
+    assert reports["demo-human-blood"]["counts_from"] == "X"
+
+
+@pytest.mark.slow
+def test_logs_have_progress_lines_and_no_carriage_returns(demo_run):
+    raw = {p: p.read_bytes() for p in demo_run.glob("logs/*/*.log")}
+    assert not [p for p, text in raw.items() if b"\r" in text]  # (read_text would hide them)
+    logs = {p: text.decode() for p, text in raw.items()}
+    embeddings = logs[demo_run / "logs/gene_embeddings/gene_embeddings.log"]
+    assert "ESM embeddings: 100% (2,400/2,400 proteins" in embeddings
+    assert (
+        "registering datasets: 100% (4/4 datasets"
+        in logs[demo_run / "logs/collection/collection.log"]
+    )
+    assert "training: 100%" in logs[demo_run / "logs/train/train.log"]
 
 
 @pytest.mark.slow

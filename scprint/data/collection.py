@@ -116,11 +116,13 @@ def register(datasets: list[dict], key: str) -> dict:
     from django.db import transaction
 
     from scprint.data.lamin import connect
+    from scprint.progress import progress
 
     ln = connect()
     created = []
     artifacts = []
     current = None
+    bar = progress(len(datasets), "registering datasets", unit="datasets")
     try:
         for info in datasets:
             current = info["dataset"]
@@ -135,6 +137,7 @@ def register(datasets: list[dict], key: str) -> dict:
                 created.append(artifact)
             artifacts.append(artifact)
             log.info("%s: artifact %s%s", current, artifact.uid, "" if is_new else " (existing)")
+            bar.update(1)
             _fault_point(len(artifacts))
         current = None
         with transaction.atomic():

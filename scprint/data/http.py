@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -102,18 +101,9 @@ def _describe(err: BaseException) -> str:
 
 
 def _progress_bar(total: int | None, initial: int, label: str):
-    from tqdm import tqdm
+    from scprint.progress import megabytes, progress
 
-    return tqdm(
-        total=total,
-        initial=initial,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=label,
-        file=sys.stderr,
-        mininterval=0.5 if sys.stderr.isatty() else 10,
-    )
+    return progress(total, label, unit="B", initial=initial, scale=megabytes)
 
 
 def _content_range_start(header: str | None) -> int | None:

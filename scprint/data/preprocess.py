@@ -417,6 +417,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def refusal_path(report: str, dataset: str) -> Path:
+    """Where a refused dataset's reason is kept: ``refused/<dataset>.json`` beside the
+    reports. Not a rule output (nothing is written for a refused dataset); the report's
+    dataset table lists it."""
+    return Path(report).parent / "refused" / f"{dataset}.json"
+
+
 def run(args: argparse.Namespace) -> None:
     dataset = check_dataset_id(args.dataset)
     params = Params(
@@ -428,11 +435,17 @@ def run(args: argparse.Namespace) -> None:
         skip_validate=args.skip_validate,
         do_postp=args.do_postp,
     )
-    processed, report = preprocess(dataset, Path(args.input), params)
+    refusal = refusal_path(args.report, dataset)
+    try:
+        processed, report = preprocess(dataset, Path(args.input), params)
+    except StageError as err:  # recorded for the report's dataset table, then raised
+        write_json(refusal, {"dataset": dataset, "input": str(args.input), "reason": str(err)})
+        raise
     report["output"] = str(args.out)
     with atomic_path(args.out) as tmp:
         processed.write_h5ad(tmp)
     write_json(args.report, report)
+    refusal.unlink(missing_ok=True)
     log.info(
         "%s: %d -> %d cells, %d -> %d genes in %.1fs",
         dataset,

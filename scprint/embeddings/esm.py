@@ -82,6 +82,10 @@ def load_model(name_or_path: str):
     """(tokenizer, EsmModel) from a local directory, or from the hub / the HF cache."""
     from transformers import AutoConfig, EsmModel, EsmTokenizer
 
+    from scprint.progress import quiet_library_bars
+
+    quiet_library_bars()
+
     local = Path(name_or_path)
     if local.exists():
         if not (local / "config.json").is_file():
@@ -187,7 +191,8 @@ def embed_sequences(
     """(n, D) float32 mean-pooled embeddings of ``sequences``, in their order."""
     import numpy as np
     import torch
-    from tqdm import tqdm
+
+    from scprint.progress import progress
 
     if device is None:
         device, dtype = pick_device()
@@ -204,7 +209,7 @@ def embed_sequences(
             longest,
         )
     result = np.zeros((len(sequences), model.config.hidden_size), dtype=np.float32)
-    progress = tqdm(total=len(sequences), unit="protein", desc="ESM embeddings", mininterval=5)
+    bar = progress(len(sequences), "ESM embeddings", unit="proteins")
     with torch.inference_mode():
         for batch in batches:
             width = len(encoded[batch[0]])
@@ -224,8 +229,8 @@ def embed_sequences(
             residues = residues.to(device).unsqueeze(-1).float()  # (B, T, 1)
             pooled = (hidden * residues).sum(1) / residues.sum(1).clamp(min=1)  # (B, D)
             result[batch] = pooled.cpu().numpy()
-            progress.update(len(batch))
-    progress.close()
+            bar.update(len(batch))
+    bar.close()
     return result
 
 

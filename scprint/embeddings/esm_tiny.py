@@ -66,6 +66,9 @@ def save_tiny_esm(out: str | Path, seed: int = 0, **sizes) -> Path:
     import torch
     from transformers import EsmModel, EsmTokenizer
 
+    from scprint.progress import quiet_library_bars
+
+    quiet_library_bars()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))

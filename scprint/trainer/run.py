@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from scprint.io import StageError, atomic_path, read_json, write_json
@@ -47,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--init-from", default=None, help="checkpoint to start from (not when resuming)"
     )
     parser.add_argument("--summary", required=True, help="JSON summary written at the end")
+    parser.add_argument(
+        "--metrics", default=None, help="CSV of every logged metric (the MetricsLog callback's)"
+    )
     parser.add_argument(
         "--config", action="append", required=True, help="training yaml, repeat to merge in order"
     )
@@ -78,6 +82,8 @@ def fit_argv(args: argparse.Namespace, collection: dict) -> list[str]:
         argv += ["--data.gene_positions", args.gene_positions]
     if collection.get("organisms"):
         argv += ["--data.organisms", json.dumps(list(collection["organisms"]))]
+    if not sys.stderr.isatty():  # a log file: MetricsLog writes a line per 10% instead
+        argv += ["--trainer.enable_progress_bar", "false"]
     resume = resume_checkpoint(state_dir(args))
     if resume is not None:
         argv += ["--ckpt_path", str(resume)]
@@ -220,6 +226,20 @@ def run(args: argparse.Namespace) -> None:
                     k: collection.get(k) for k in ("key", "uid", "n_cells", "n_datasets")
                 },
                 "argv": argv,
+                "metrics": args.metrics,
                 "config": cli.model.run_config,
             },
         )
+        if args.metrics:
+            publish_metrics(state_dir(args), args.metrics)
+
+
+def publish_metrics(state: Path, out: str) -> None:
+    """The MetricsLog versions of this run (one per start) as one CSV history."""
+    from scprint.trainer.metrics import merge_versions, version_files
+
+    files = version_files(state)
+    if not files:
+        log.warning("no metrics under %s (MetricsLog not in trainer.callbacks?)", state)
+    with atomic_path(out) as tmp:
+        merge_versions(files).to_csv(tmp, index=False)

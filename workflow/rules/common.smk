@@ -35,6 +35,8 @@ CHECKPOINT = f"checkpoints/{RUN}/last.ckpt"
 TRAIN_SUMMARY = f"results/train/{RUN}.json"
 FINETUNE = config["finetune"]["name"]
 FINETUNE_SUMMARY = f"results/finetune/{FINETUNE}.json"
+TRAIN_METRICS = f"results/train/{RUN}_metrics.csv"
+REPORT_DIR = "results/report"
 
 
 wildcard_constraints:

@@ -8,6 +8,7 @@ rule train:
     output:
         checkpoint=CHECKPOINT,
         summary=TRAIN_SUMMARY,
+        metrics=TRAIN_METRICS,
     log:
         "logs/train/train.log",
     conda:
@@ -28,4 +29,5 @@ rule train:
         " --collection {input.collection}"
         " --gene-embeddings {input.embeddings} --gene-positions {input.positions}"
         " --checkpoint-dir checkpoints/{params.run} --summary {output.summary}"
+        " --metrics {output.metrics}"
         " {params.args} > {log} 2>&1"

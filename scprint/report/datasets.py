@@ -1,0 +1,170 @@
+"""`scprint report-datasets`: the Datasets category of the report.
+
+- a table of every dataset (HTML, one row a dataset): cells in, kept and dropped (and why),
+  genes in the file, matched to the gene registry and after padding, where the raw counts
+  came from (X / raw.X / layers['counts']); datasets `scprint preprocess` refused, with
+  the reason, from their refusal records (``<reports dir>/refused/<dataset>.json``);
+- cells kept and dropped per dataset (bar chart);
+- counts per cell and expressed genes per cell per dataset (box plots, from the processed
+  files' QC columns; a per-dataset medians scatter past MAX_BOXES datasets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from scprint.io import StageError, read_json
+from scprint.report.common import no_data_figure, pyplot, save_figure, short_label, write_table
+
+log = logging.getLogger(__name__)
+
+MAX_BOXES = 60  # more datasets than this: one point per dataset instead of a box each
+CELLS_SAMPLED = 5000  # per dataset, for the distributions (seeded, so reruns are identical)
+TABLE_ID = "datasets"
+COLUMNS = [
+    "dataset", "organism", "status", "counts source", "cells in", "cells kept",
+    "cells dropped", "dropped because", "genes in file", "genes matched", "genes after",
+]  # fmt: skip
+
+
+def table_rows(reports: list[dict], refused: list[dict]) -> list[dict]:
+    """One row per dataset: the numbers of its preprocess report, or its refusal reason."""
+    rows = []
+    for r in reports:
+        dropped = {k: v for k, v in r["cells"]["dropped"].items() if v}
+        rows.append(
+            {
+                "dataset": r["dataset"],
+                "organism": r["organism"],
+                "status": "preprocessed",
+                "counts source": r["counts_from"],
+                "cells in": r["cells"]["before"],
+                "cells kept": r["cells"]["after"],
+                "cells dropped": r["cells"]["before"] - r["cells"]["after"],
+                "dropped because": "; ".join(f"{k}: {v}" for k, v in dropped.items()),
+                "genes in file": r["genes"]["before"],
+                "genes matched": r["genes"]["known_to_registry"],
+                "genes after": r["genes"]["after"],
+            }
+        )
+    done = {r["dataset"] for r in reports}
+    for r in refused:
+        if r["dataset"] in done:
+            continue  # refused once, preprocessed since
+        rows.append({"dataset": r["dataset"], "status": f"refused: {r['reason']}"})
+    return sorted(rows, key=lambda row: (row["status"] != "preprocessed", row["dataset"]))
+
+
+def read_refused(folder: Path | None) -> list[dict]:
+    if folder is None or not folder.is_dir():
+        return []
+    return [read_json(p) for p in sorted(folder.glob("*.json"))]
+
+
+def qc_values(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(counts per cell, expressed genes per cell) of one processed file, at most
+    CELLS_SAMPLED cells: scdataloader's QC columns when there, else computed from X."""
+    import anndata
+    import scipy.sparse as sp
+
+    adata = anndata.read_h5ad(path, backed="r")
+    try:
+        obs = adata.obs
+        rng = np.random.default_rng(0)
+        keep = np.sort(rng.permutation(adata.n_obs)[:CELLS_SAMPLED])
+        if {"total_counts", "n_genes_by_counts"} <= set(obs.columns):
+            counts = obs["total_counts"].to_numpy()[keep]
+            genes = obs["n_genes_by_counts"].to_numpy()[keep]
+        else:
+            x = adata.X[keep]
+            x = x if sp.issparse(x) else sp.csr_matrix(x)
+            counts = np.asarray(x.sum(axis=1)).ravel()
+            genes = np.diff(x.indptr) if sp.isspmatrix_csr(x) else x.getnnz(axis=1)
+    finally:
+        adata.file.close()
+    return counts.astype(float), genes.astype(float)
+
+
+def plot_cells(rows: list[dict], out: Path) -> None:
+    done = [r for r in rows if r["status"] == "preprocessed"]
+    if not done:
+        no_data_figure(out, "Cells per dataset", "no dataset was preprocessed")
+        return
+    plt = pyplot()
+    names = [short_label(r["dataset"]) for r in done]
+    kept = np.array([r["cells kept"] for r in done])
+    dropped = np.array([r["cells dropped"] for r in done])
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.28 * len(done)))
+    y = np.arange(len(done))
+    ax.barh(y, kept, color="#2b8cbe", label="kept")
+    ax.barh(y, dropped, left=kept, color="#e34a33", label="dropped by QC")
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("cells")
+    ax.set_title(f"Cells per dataset: {kept.sum():,} kept, {dropped.sum():,} dropped")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    save_figure(fig, out)
+
+
+def plot_distributions(names: list[str], values: list[tuple], out: Path) -> None:
+    if not names:
+        no_data_figure(out, "Counts and genes per cell", "no dataset was preprocessed")
+        return
+    plt = pyplot()
+    titles = ("counts per cell", "expressed genes per cell")
+    if len(names) <= MAX_BOXES:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 1.2 + 0.3 * len(names)), sharey=True)
+        for i, (ax, title) in enumerate(zip(axes, titles, strict=True)):
+            ax.boxplot([v[i] for v in values], vert=False, showfliers=False)
+            ax.set_xscale("log")
+            ax.set_xlabel(title)
+        axes[0].set_yticks(np.arange(1, len(names) + 1), [short_label(n) for n in names])
+        axes[0].invert_yaxis()
+    else:
+        fig, ax = plt.subplots(figsize=(7, 6))
+        medians = np.array([[np.median(v[0]), np.median(v[1])] for v in values])
+        ax.scatter(medians[:, 0], medians[:, 1], s=10, alpha=0.6)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"median {titles[0]}")
+        ax.set_ylabel(f"median {titles[1]}")
+        ax.set_title(f"{len(names)} datasets, one point each")
+    fig.suptitle("Counts and expressed genes per cell, after preprocessing")
+    save_figure(fig, out)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reports", nargs="+", required=True, help="results/preprocess/*.json")
+    parser.add_argument("--processed", nargs="*", default=[], help="data/processed/*.h5ad")
+    parser.add_argument(
+        "--refused-dir",
+        default=None,
+        help="refusal records of `scprint preprocess` (default: <reports dir>/refused)",
+    )
+    parser.add_argument("--table", required=True, help="HTML table of every dataset")
+    parser.add_argument("--cells", required=True, help="PNG: cells kept / dropped")
+    parser.add_argument("--qc", required=True, help="PNG: counts and genes per cell")
+
+
+def run(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    try:
+        reports = [read_json(p) for p in args.reports]
+    except (OSError, ValueError) as err:
+        raise StageError(f"cannot read a preprocess report: {err}. Fix: rerun preprocess") from err
+    refused_dir = args.refused_dir or Path(args.reports[0]).parent / "refused"
+    rows = table_rows(reports, read_refused(Path(refused_dir)))
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    for column in COLUMNS[4:7] + COLUMNS[8:]:
+        frame[column] = frame[column].astype("Int64")
+    write_table(args.table, frame, f"Datasets ({len(reports)} preprocessed)", TABLE_ID)
+    plot_cells(rows, Path(args.cells))
+    by_name = {Path(p).name.removesuffix(".h5ad"): Path(p) for p in args.processed}
+    names = sorted(by_name)
+    plot_distributions(names, [qc_values(by_name[n]) for n in names], Path(args.qc))
+    log.info("datasets report: %d rows, %d distributions", len(rows), len(names))
