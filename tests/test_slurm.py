@@ -466,7 +466,7 @@ def test_the_demo_dag_runs_on_slurm_with_every_rule_in_its_partition(cluster, tm
         by_rule.setdefault(rule_of(record), []).append(record)
     assert set(by_rule) == {
         "lamin_instance", "ontologies", "demo_data", "list_datasets", "download", "preprocess",
-        "collection", "gene_positions", "tiny_esm", "gene_embeddings", "train",
+        "collection", "gene_positions", "tiny_esm", "gene_embeddings", "train", "finetune",
         "report_datasets", "report_collection", "report_genes", "report_training",
     }  # fmt: skip
     assert len(by_rule["download"]) == len(by_rule["preprocess"]) == 4
