@@ -20,6 +20,10 @@ shell.prefix(
 LAMIN_INSTANCE = "results/lamin_instance.json"
 ONTOLOGIES = "results/ontologies.json"
 DATASETS = "results/datasets.tsv"
+# one row of the listing per dataset, rewritten only when that row changes: the download
+# depends on its own row, so a growing listing redoes nothing already done
+DATASET_ROWS = "results/listing"
+DATASET_ROW = f"{DATASET_ROWS}/{{dataset}}.tsv"
 RAW = "data/raw/{dataset}.h5ad"
 PROCESSED = "data/processed/{dataset}.h5ad"
 PREPROCESS_REPORT = "results/preprocess/{dataset}.json"

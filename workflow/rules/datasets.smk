@@ -26,13 +26,15 @@ checkpoint list_datasets:
         "../../envs/data.yaml"
     params:
         args=listing_args(),
+        rows=DATASET_ROWS,
     shell:
-        "python -m scprint list-datasets {params.args} --out {output.tsv} > {log} 2>&1"
+        "python -m scprint list-datasets {params.args} --out {output.tsv}"
+        " --rows-dir {params.rows} > {log} 2>&1"
 
 
 rule download:
     input:
-        DATASETS,
+        DATASET_ROW,
     output:
         RAW,
     log:
