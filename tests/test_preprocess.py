@@ -414,7 +414,7 @@ def test_chunked_equals_the_whole_file_preprocessor(workdir, layout, extra):
     adata = make_dataset(n_cells=150, seed=5, layout=layout)
     if "--is-symbol" in extra:
         adata.var_names = adata.var["feature_name"].astype(str).to_numpy()
-    adata.var["feature_is_filtered"] = False  # a CELLxGENE var column, kept as the Preprocessor does
+    adata.var["feature_is_filtered"] = False  # a CELLxGENE var column the Preprocessor keeps
     dataset = f"same-{layout}-{len(extra)}"
     adata.write_h5ad(workdir / "data" / "raw" / f"{dataset}.h5ad")
     chunked, whole = preprocess_both(workdir, dataset, *SMALL_PANEL, *extra)
