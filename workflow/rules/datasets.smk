@@ -32,6 +32,23 @@ checkpoint list_datasets:
         " --rows-dir {params.rows} > {log} 2>&1"
 
 
+rule plan:
+    input:
+        listing=DATASETS,
+        configs=config["train"]["configs"],
+    output:
+        "results/plan.json",
+    log:
+        "logs/plan/plan.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        configs=lambda wildcards, input: repeated("--config", input.configs),
+    shell:
+        "python -m scprint plan --listing {input.listing} {params.configs} --out {output}"
+        " 2>&1 | tee {log}"
+
+
 rule download:
     input:
         DATASET_ROW,
