@@ -34,7 +34,7 @@ def make_input(path: Path, n_cells: int, seed: int = 0) -> None:
     import h5py
     import pandas as pd
     import scipy.sparse as sp
-    from anndata.experimental import sparse_dataset, write_elem
+    from anndata.io import sparse_dataset, write_elem
 
     from scprint.data.organisms import gene_table
 

@@ -55,6 +55,35 @@ def collection_mem_mb(n_datasets: int, attempt: int = 1) -> int:
     return int((4_000 + 2 * n_datasets) * 1.5 ** (attempt - 1))
 
 
+def collection_runtime_min(n_datasets: int, attempt: int = 1) -> int:
+    """Hashing and registering a file takes seconds to a minute (tens of GB): 6 s each, x3."""
+    return int(max(60, n_datasets * 0.3) * attempt)
+
+
+def row_of(path: str | Path):
+    """The one row of a per-dataset listing file (results/listing/<dataset>.tsv)."""
+    from scprint.data.listing import read_listing
+
+    (row,) = read_listing(path).values()
+    return row
+
+
+def job_resources(stage: str, row_path: str | Path, attempt: int = 1) -> dict[str, int]:
+    """mem_mb and runtime (minutes) of one dataset's job, from its listing row."""
+    row = row_of(row_path)
+    if stage == "download":
+        return {
+            "mem_mb": 2_000 * attempt,
+            "runtime": download_runtime_min(row.size_bytes, row.n_cells, attempt),
+        }
+    if stage == "preprocess":
+        return {
+            "mem_mb": preprocess_mem_mb(row.n_cells, attempt),
+            "runtime": preprocess_runtime_min(row.n_cells, attempt),
+        }
+    raise ValueError(f"no per-dataset resources for stage {stage!r}")
+
+
 # -- measured rates -------------------------------------------------------------------------
 def _rows(name: str, bench: Path) -> list[dict]:
     path = bench / name

@@ -42,7 +42,7 @@ class Reader:
 
     def __init__(self, dataset: str, path: Path):
         import h5py
-        from anndata.experimental import read_elem
+        from anndata.io import read_elem
 
         self.dataset, self.path = dataset, path
         try:
@@ -64,7 +64,7 @@ class Reader:
 
     def matrix(self, key: str):
         """The backed matrix at ``key`` ('X', 'raw/X', 'layers/counts'), sliceable by rows."""
-        from anndata.experimental import sparse_dataset
+        from anndata.io import sparse_dataset
 
         node = self.file[key]
         return node if hasattr(node, "shape") else sparse_dataset(node)
@@ -199,7 +199,7 @@ class Writer:
 
     def append(self, X) -> None:
         import h5py
-        from anndata.experimental import sparse_dataset, write_elem
+        from anndata.io import sparse_dataset, write_elem
 
         if self._file is None:
             self._file = h5py.File(self.path, "w")
@@ -210,7 +210,7 @@ class Writer:
 
     def finish(self, obs: pd.DataFrame, var: pd.DataFrame, uns: dict) -> None:
         import anndata as ad
-        from anndata.experimental import write_elem
+        from anndata.io import write_elem
 
         annotations = ad.AnnData(obs=obs, var=var)
         annotations.strings_to_categoricals()  # as write_h5ad does

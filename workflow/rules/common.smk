@@ -1,4 +1,5 @@
 import shlex
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +12,7 @@ validate(config, schema="../schemas/config.schema.yaml")
 # per-rule conda environments, which hold only the dependencies) and logs W&B offline
 # unless the user's WANDB_MODE says otherwise.
 SCPRINT_ROOT = Path(workflow.basedir).parent
+sys.path.insert(0, str(SCPRINT_ROOT))  # scprint.plan: the resource formulas below
 shell.prefix(
     f"export LAMIN_SETTINGS_DIR={shlex.quote(str(Path(config['lamin']['settings_dir']).resolve()))}; "
     f"export PYTHONPATH={shlex.quote(str(SCPRINT_ROOT))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
@@ -111,6 +113,32 @@ def processed_datasets(wildcards):
 
 def preprocess_reports(wildcards):
     return expand(PREPROCESS_REPORT, dataset=dataset_ids())
+
+
+# Resources that follow the data (Slurm): each dataset's memory and runtime come from its
+# listing row (cells, bytes) and grow with Snakemake's `attempt`, so a job killed for
+# memory or time is resubmitted bigger (profiles/slurm: retries). Formulas: scprint/plan.py,
+# the same ones `scprint plan` prints.
+def dataset_resource(stage, resource):
+    from scprint.plan import job_resources
+
+    def get(wildcards, attempt):
+        row = DATASET_ROW.format(dataset=wildcards.dataset)
+        return job_resources(stage, row, attempt)[resource]
+
+    return get
+
+
+def collection_mem_mb(wildcards, attempt):
+    from scprint.plan import collection_mem_mb
+
+    return collection_mem_mb(len(dataset_ids()), attempt)
+
+
+def collection_runtime(wildcards, attempt):
+    from scprint.plan import collection_runtime_min
+
+    return collection_runtime_min(len(dataset_ids()), attempt)
 
 
 def preprocess_args():

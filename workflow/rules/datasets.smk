@@ -58,6 +58,9 @@ rule download:
         "logs/download/{dataset}.log",
     conda:
         "../../envs/data.yaml"
+    resources:
+        mem_mb=dataset_resource("download", "mem_mb"),
+        runtime=dataset_resource("download", "runtime"),
     params:
         retries=config["download"]["retries"],
         timeout=config["download"]["timeout_s"],
@@ -77,6 +80,9 @@ rule preprocess:
         "logs/preprocess/{dataset}.log",
     conda:
         "../../envs/data.yaml"
+    resources:
+        mem_mb=dataset_resource("preprocess", "mem_mb"),
+        runtime=dataset_resource("preprocess", "runtime"),
     params:
         args=preprocess_args(),
     shell:
@@ -94,6 +100,9 @@ rule collection:
         "logs/collection/collection.log",
     conda:
         "../../envs/data.yaml"
+    resources:
+        mem_mb=collection_mem_mb,
+        runtime=collection_runtime,
     params:
         key=config["collection"]["key"],
     shell:
