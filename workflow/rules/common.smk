@@ -129,16 +129,23 @@ def dataset_resource(stage, resource):
     return get
 
 
+def listed_datasets():
+    """Datasets in the listing; 0 before the listing exists (a dry run)."""
+    if not Path(DATASETS).exists():
+        return 0
+    return len(pd.read_csv(DATASETS, sep="\t", usecols=["dataset_id"]))
+
+
 def collection_mem_mb(wildcards, attempt):
     from scprint.plan import collection_mem_mb
 
-    return collection_mem_mb(len(dataset_ids()), attempt)
+    return collection_mem_mb(listed_datasets(), attempt)
 
 
 def collection_runtime(wildcards, attempt):
     from scprint.plan import collection_runtime_min
 
-    return collection_runtime_min(len(dataset_ids()), attempt)
+    return collection_runtime_min(listed_datasets(), attempt)
 
 
 def preprocess_args():
