@@ -5,6 +5,12 @@ The Preprocessor fails late and cryptically on the inputs users actually have (s
 registries do not know. So every problem we can see is looked for before it runs, all of
 them reported at once in one error that names the dataset, each problem and its fix.
 
+By default the dataset is then processed a chunk of cells at a time in bounded memory
+(``preprocess_chunked``, scprint/data/chunked.py), with the Preprocessor's result;
+``--whole-file`` (and ``--do-postp``, a PCA of the whole matrix) run the Preprocessor
+itself on the whole file (``preprocess``). Checks that need every cell (the cell filter's
+drop amount) run during the pass; a refusal then removes the partial output.
+
 Counts: raw integer counts are taken from ``raw.X`` when present (CELLxGENE keeps them
 there whenever ``X`` is normalized), else ``X``, else ``layers["counts"]``; the chosen
 matrix becomes ``X`` before the Preprocessor runs. A dataset with no raw counts anywhere
