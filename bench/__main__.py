@@ -18,6 +18,7 @@ SECTIONS = {
     "model": "model step on CPU: ms and peak memory per batch",
     "dag": "snakemake dry run with many datasets: time and memory",
     "preprocess": "preprocess stage vs scdataloader's Preprocessor: cells/s",
+    "preprocess-scale": "chunked preprocess on 100k/1M-cell CELLxGENE-shaped files: peak RSS",
     "embeddings": "ESM gene embeddings: proteins/s vs a notebook loop (650M shape on GPU)",
     "finetune": "fine-tuning step: LoRA vs full fine-tuning, ms and peak memory",
     "gpu": "model step on a GPU: tokens/s, MFU, memory (skipped without CUDA)",
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         out = args.out.parent / f"{name}.json"
         out.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", f"bench.{name}", "--json", str(out)]
+        cmd = [sys.executable, "-m", f"bench.{name.replace('-', '_')}", "--json", str(out)]
         cmd += ["--workdir", str(args.workdir)] + (["--quick"] if args.quick else [])
         print(f"== {name}: {SECTIONS[name]}", flush=True)
         start = time.perf_counter()

@@ -18,6 +18,12 @@ four hierarchical). Each variant runs in a fresh process (its own peak RSS):
   in-memory mode (CSR matrices in RAM), and its default chunked order (only approximately
   random; not comparable, reported for scale).
 
+Cold data (at 50M cells the collection is far larger than RAM): the collection's pages are
+evicted from the page cache (os.posix_fadvise POSIX_FADV_DONTNEED, no root needed) before
+each cold variant: ours at 0 and 2 workers, annbatch (its store evicted before its process
+starts), next to a floor: the byte ranges ours read at 0 workers (each cell's data and
+indices), read with os.pread in the same order, cold too. Goal: ours >= 70% of the floor.
+
 Rows are cells/s after a warm-up (worker start, the compiled kernel's first call, the
 sampler's first epoch draw), so the figure is the steady state a training run sees.
 """
@@ -32,6 +38,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from bench.common import Row, section_parser, write_section
 
@@ -93,8 +101,36 @@ def _env(root: Path) -> dict:
     return env
 
 
-def measure_in_process(impl: str, workers: int, n_batches: int, warmup: int) -> dict:
-    """Runs inside the variant's own process (``--measure``)."""
+def evict(paths) -> int:
+    """Drop the files' pages from the page cache; returns the bytes advised."""
+    total = 0
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+            total += size
+        finally:
+            os.close(fd)
+    return total
+
+
+def byte_ranges(cell_file, rows):
+    """(offset, length) of each row's data and indices in its file, as ours reads them."""
+    ranges = []
+    for ext in (cell_file.data_extents, cell_file.indices_extents):
+        first, stop = cell_file.indptr[rows], cell_file.indptr[rows + 1]
+        run = np.searchsorted(ext.starts, first, side="right") - 1
+        offsets = ext.offsets[run] + (first - ext.starts[run]) * ext.dtype.itemsize
+        ranges.append(np.stack([offsets, (stop - first) * ext.dtype.itemsize], axis=1))
+    return ranges  # [data ranges, indices ranges], one row a cell
+
+
+def measure_in_process(
+    impl: str, workers: int, n_batches: int, warmup: int, cold: bool = False, record: str = ""
+) -> dict:
+    """Runs inside the variant's own process (``--measure``); ``cold`` evicts the
+    collection's pages first; ``record`` writes the cells each batch read (0 workers)."""
     import torch
 
     from scprint.trainer.datamodule import ScprintDataModule
@@ -110,6 +146,12 @@ def measure_in_process(impl: str, workers: int, n_batches: int, warmup: int) -> 
     dm.setup("fit")
     loader = dm.train_dataloader() if impl == "scprint" else dm.scdataloader_train_dataloader()
     setup_s = time.perf_counter() - started
+    dataset = loader.dataset
+    if record:  # wraps the batch read: the floor replays the same reads
+        drawn, read = [], dataset.__getitems__
+        dataset.__getitems__ = lambda idx: (drawn.append(list(idx)), read(idx))[1]
+    if cold:
+        evict([f.path for f in dataset.files])
     cells, start = 0, None
     it = iter(loader)
     for i, batch in enumerate(it):
@@ -120,6 +162,8 @@ def measure_in_process(impl: str, workers: int, n_batches: int, warmup: int) -> 
             break
     seconds = time.perf_counter() - start
     shape = list(batch["x"].shape)
+    if record:
+        Path(record).write_text(json.dumps(drawn[warmup : warmup + n_batches]))
     del it, loader  # joins the workers, so RUSAGE_CHILDREN holds their peak
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     return {
@@ -134,9 +178,43 @@ def measure_in_process(impl: str, workers: int, n_batches: int, warmup: int) -> 
     }
 
 
-def run_variant(root: Path, impl: str, workers: int, n_batches: int, warmup: int) -> dict:
+def floor_in_process(record: str) -> dict:
+    """os.pread of the byte ranges ours read (``--floor``), same order, cold."""
+    from scprint.trainer.datamodule import ScprintDataModule
+
+    dm = ScprintDataModule("bench-loader", num_workers=0, **DATA)
+    dm.setup("fit")
+    dataset = dm.train_dataloader().dataset
+    batches = json.loads(Path(record).read_text())
+    plans = []  # per batch: the reads, as ours groups them (by file, rows increasing)
+    for indices in batches:
+        cells = np.asarray(indices, dtype=np.int64)
+        files, rows = dataset.file_of_cell[cells], dataset.row_of_cell[cells]
+        order = np.lexsort((rows, files))
+        for f in np.unique(files[order]):
+            sel = order[files[order] == f]
+            data, idx = byte_ranges(dataset.files[int(f)], rows[sel])
+            plans.append((dataset.files[int(f)].path, data, idx))
+    fds = {path: os.open(path, os.O_RDONLY) for path in {p for p, _, _ in plans}}
+    evict(list(fds))
+    start, nbytes = time.perf_counter(), 0
+    for path, data, idx in plans:
+        fd = fds[path]
+        for ranges in (data, idx):
+            for offset, length in ranges.tolist():
+                nbytes += len(os.pread(fd, length, offset))
+    seconds = time.perf_counter() - start
+    for fd in fds.values():
+        os.close(fd)
+    cells = sum(len(b) for b in batches)
+    return {"cells_per_s": cells / seconds, "cells": cells, "mb_read": nbytes / 1e6}
+
+
+def run_variant(
+    root: Path, impl: str, workers: int, n_batches: int, warmup: int, *extra: str
+) -> dict:
     cmd = [sys.executable, "-m", "bench.loader", "--measure", impl, "--workers", str(workers)]
-    cmd += ["--batches", str(n_batches), "--warmup", str(warmup), "--json", "-"]
+    cmd += ["--batches", str(n_batches), "--warmup", str(warmup), "--json", "-", *extra]
     proc = subprocess.run(cmd, env=_env(root), cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{impl} ({workers} workers) failed:\n{proc.stderr[-3000:]}")
@@ -162,9 +240,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help=argparse_hidden())
     parser.add_argument("--batches", type=int, default=100, help=argparse_hidden())
     parser.add_argument("--warmup", type=int, default=3, help=argparse_hidden())
+    parser.add_argument("--cold", action="store_true", help=argparse_hidden())
+    parser.add_argument("--record", default="", help=argparse_hidden())
+    parser.add_argument("--floor", default="", help=argparse_hidden())
     args = parser.parse_args(argv)
+    if args.floor:
+        print(json.dumps(floor_in_process(args.floor)))
+        return 0
     if args.measure:  # one variant, in this (fresh) process
-        print(json.dumps(measure_in_process(args.measure, args.workers, args.batches, args.warmup)))
+        print(json.dumps(measure_in_process(
+            args.measure, args.workers, args.batches, args.warmup, args.cold, args.record
+        )))  # fmt: skip
         return 0
 
     size = QUICK if args.quick else FULL
@@ -188,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             note += " at the end; + largest worker" if workers else " at the end"
             rows.append(Row(f"loader peak RSS, {workers} workers", label, rss, "MB",
                             baseline=base, higher_is_better=False, note=note))  # fmt: skip
+    rows += cold_rows(root, info, batches, details)
     orders = {
         "random": ("per-cell random order", "loader, 0 workers"),
         "memory": ("per-cell random order, in-memory mode", "loader, 0 workers"),
@@ -210,6 +297,38 @@ def main(argv: list[str] | None = None) -> int:
                             r["peak_rss_mb"], "MB", higher_is_better=False))  # fmt: skip
     write_section(args.json, "loader", rows, details=details)
     return 0
+
+
+def cold_rows(root: Path, info: dict, batches: dict, details: dict) -> list[Row]:
+    """Ours cold at 0 and 2 workers, the pread floor of ours' reads, annbatch cold."""
+    rows, figure = [], "loader, cold page cache"
+    record = root / "cold-reads.json"
+    for workers in (0, 2):
+        extra = ["--cold"] + (["--record", str(record)] if workers == 0 else [])
+        r = run_variant(root, "scprint", workers, batches["scprint"], 10, *extra)
+        details[f"scprint-{workers}-cold"] = r
+        print(f"  scprint cold, {workers} workers: {r['cells_per_s']:,.0f} cells/s", flush=True)
+        rows.append(Row(figure, f"scprint, {workers} workers", r["cells_per_s"], "cells/s",
+                        note=f"{r['cells']} cells; pages evicted first"))  # fmt: skip
+    cmd = [sys.executable, "-m", "bench.loader", "--floor", str(record), "--json", "-"]
+    proc = subprocess.run(cmd, env=_env(root), cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the pread floor failed:\n{proc.stderr[-3000:]}")
+    floor = json.loads(proc.stdout.strip().splitlines()[-1])
+    details["pread-floor-cold"] = floor
+    print(f"  pread floor, cold: {floor['cells_per_s']:,.0f} cells/s", flush=True)
+    rows.append(Row(figure, "os.pread floor (same byte ranges, same order)",
+                    floor["cells_per_s"], "cells/s", baseline=True,
+                    note=f"{floor['mb_read']:.0f} MB read"))  # fmt: skip
+    store = root / "annbatch"
+    if store.exists():
+        evict([p for p in store.rglob("*") if p.is_file()])
+        r = run_annbatch(root, info, "random", batches["annbatch"])
+        details["annbatch-random-cold"] = r
+        if "error" not in r:
+            rows.append(Row(figure, "annbatch + numpy selection", r["selected"], "cells/s",
+                            note="store evicted before its process"))  # fmt: skip
+    return rows
 
 
 def argparse_hidden():

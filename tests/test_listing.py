@@ -290,3 +290,16 @@ def test_cli_list_datasets(api, local_folder, tmp_path):
     assert proc.returncode == 1
     assert "scprint list-datasets: error: no *.h5ad files" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_row_files_change_only_with_their_row(tmp_path):
+    rows = [
+        listing.DatasetRow(f"d{i}", "t", ("NCBITaxon:9606",), ("EFO:0009922",), 300, f"u{i}", 9)
+        for i in range(3)
+    ]
+    assert listing.write_rows(rows[:2], tmp_path) == ["d0", "d1"]
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    changed = [rows[0], rows[1].__class__(**{**rows[1].__dict__, "url": "new"}), rows[2]]
+    assert listing.write_rows(changed, tmp_path) == ["d1", "d2"]
+    assert (tmp_path / "d0.tsv").stat().st_mtime_ns == before["d0.tsv"]
+    assert listing.read_listing(tmp_path / "d1.tsv")["d1"].url == "new"

@@ -416,3 +416,62 @@ def test_killed_preprocess_then_rerun_equals_an_uninterrupted_run(workdir):
     subprocess.run(args, cwd=workdir, env=cli_env(workdir), check=True, capture_output=True)
     assert outputs() == reference
     assert temporaries() == []  # the killed write's temporary was cleaned up
+
+
+# --- the chunked path (the default) equals scdataloader's Preprocessor on the whole file
+
+
+def assert_same_h5ad(ours: Path, reference: Path) -> None:
+    a, b = ad.read_h5ad(ours), ad.read_h5ad(reference)
+    assert a.shape == b.shape and list(a.obs_names) == list(b.obs_names)
+    assert list(a.var_names) == list(b.var_names)
+    assert a.X.dtype == b.X.dtype and a.X.format == b.X.format
+    assert (a.X != b.X).nnz == 0 and a.X.nnz == b.X.nnz
+    pd.testing.assert_frame_equal(a.obs, b.obs, check_exact=False, rtol=1e-6)
+    pd.testing.assert_frame_equal(a.var, b.var, check_exact=False, rtol=1e-6)
+    assert set(a.uns) == set(b.uns)
+    for key in a.uns:
+        assert np.array_equal(np.asarray(a.uns[key]), np.asarray(b.uns[key])), key
+
+
+def preprocess_both(workdir: Path, dataset: str, *extra: str) -> tuple[dict, dict]:
+    """The chunked path in chunks of 37 cells, then the whole file through the Preprocessor."""
+    out = workdir / "data" / "processed"
+    preprocess(workdir, dataset, *extra, "--chunk-cells", "37")
+    (out / f"{dataset}.h5ad").rename(out / f"{dataset}.chunked.h5ad")
+    chunked = json.loads((workdir / "results" / "preprocess" / f"{dataset}.json").read_text())
+    preprocess(workdir, dataset, *extra, "--whole-file")
+    whole = json.loads((workdir / "results" / "preprocess" / f"{dataset}.json").read_text())
+    assert_same_h5ad(out / f"{dataset}.chunked.h5ad", out / f"{dataset}.h5ad")
+    return chunked, whole
+
+
+@pytest.mark.parametrize(
+    "layout, extra",
+    [("raw", []), ("X", ["--is-symbol"]), ("X", ["--skip-validate", "--min-nnz-genes", "340"])],
+    ids=["normalized-X-counts-in-raw", "symbols", "cells-filtered"],
+)
+def test_chunked_equals_the_whole_file_preprocessor(workdir, layout, extra):
+    adata = make_dataset(n_cells=150, seed=5, layout=layout)
+    if "--is-symbol" in extra:
+        adata.var_names = adata.var["feature_name"].astype(str).to_numpy()
+    adata.var["feature_is_filtered"] = False  # a CELLxGENE var column the Preprocessor keeps
+    dataset = f"same-{layout}-{len(extra)}"
+    adata.write_h5ad(workdir / "data" / "raw" / f"{dataset}.h5ad")
+    chunked, whole = preprocess_both(workdir, dataset, *SMALL_PANEL, *extra)
+    for report in (chunked, whole):
+        del report["duration_s"], report["output"]
+    assert chunked == whole
+    if "340" in extra:
+        assert 0 < whole["cells"]["dropped"]["fewer than 340 expressed genes"] < 150
+
+
+def test_chunked_equals_the_whole_file_preprocessor_on_the_demo(workdir):
+    """The demo datasets (counts in X, or normalized X + raw.X) against the Preprocessor."""
+    from scprint.data import demo
+
+    demo.write_demo(workdir / "demo-same", n_genes=1200, seed=0)
+    for dataset in ("demo-human-blood", "demo-human-lung"):
+        source = workdir / "demo-same" / "datasets" / f"{dataset}.h5ad"
+        (workdir / "data" / "raw" / f"{dataset}.h5ad").write_bytes(source.read_bytes())
+        preprocess_both(workdir, dataset, *SMALL_PANEL)

@@ -189,6 +189,8 @@ def expected_resources(profile_text: str) -> dict[str, dict]:
     profile = yaml.safe_load(profile_text)
     default = profile["default-resources"]
     rules = set(profile["set-resources"]) | {
+        "preprocess",
+        "collection",  # their memory and runtime follow the data in the pipeline's rules
         "lamin_instance",
         "demo_data",
         "gene_positions",
@@ -275,6 +277,29 @@ def test_a_failed_job_is_retried(cluster, tmp_path):
     states = [r["JobState"] for r in jobs_of_run(cluster, proc.stdout + proc.stderr)]
     assert states == ["FAILED", "COMPLETED"]
     assert (workdir / "flaky" / "done.txt").read_text() == "ok\n"
+
+
+@pytest.mark.slurm
+def test_a_job_out_of_memory_is_retried_with_more(cluster, tmp_path):
+    from scprint.data.listing import DatasetRow, format_listing
+    from scprint.plan import preprocess_mem_mb
+
+    workdir = project(tmp_path)
+    row = DatasetRow("big", "t", ("NCBITaxon:9606",), ("EFO:0009922",), 1_000_000, "u", 10**10)
+    (workdir / "big.tsv").write_text(format_listing([row]))
+    first, second = preprocess_mem_mb(1_000_000, 1), preprocess_mem_mb(1_000_000, 2)
+    need = (first + second) // 2  # more than the first grant, less than the retry's
+    proc = snakemake(
+        cluster, workdir, "oom/done.txt", "--config", "oom_row=big.tsv", f"oom_need_mb={need}"
+    )
+    records = jobs_of_run(cluster, proc.stdout + proc.stderr)
+    assert [r["JobState"] for r in records] == ["FAILED", "COMPLETED"]
+    granted = [r["MinMemoryNode"] for r in records]
+    assert granted in (
+        [f"{first}M", f"{second}M"],
+        [f"{first / 1024:.2f}G", f"{second / 1024:.2f}G"],
+    )
+    assert (workdir / "oom" / "done.txt").read_text() == "ok\n"
 
 
 @pytest.mark.slurm

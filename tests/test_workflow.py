@@ -247,3 +247,52 @@ def test_rerun_gene_embeddings_alone(demo_run):
     unrelated = {p for p in changed if "gene_embeddings" not in p.name}
     assert not unrelated, f"rerunning gene_embeddings touched {sorted(map(str, unrelated))}"
     pd.testing.assert_frame_equal(pd.read_parquet(embeddings), content)  # deterministic
+
+
+def planned(output: str, rule: str) -> set[str]:
+    """Dataset wildcards of the jobs of ``rule`` in a dry run's job list."""
+    jobs = re.split(r"\n(?=(?:local)?(?:rule|checkpoint) )", output)
+    found = set()
+    for job in jobs:
+        if re.match(rf"(?:local)?rule {rule}:", job):
+            found |= set(re.findall(r"wildcards: dataset=([\w.-]+)", job))
+    return found
+
+
+@pytest.mark.slow
+def test_growing_the_listing_redoes_only_new_or_changed_datasets(tmp_path):
+    """limit 2, run; limit 4: only the two new datasets download and preprocess; a changed
+    row redoes its dataset alone; the collection and the training rerun each time."""
+    import anndata
+
+    workdir = make_workdir(tmp_path)
+    config = yaml.safe_load((workdir / "config" / "demo.yaml").read_text())
+
+    def with_limit(limit: int) -> str:
+        config["datasets"]["limit"] = limit
+        (workdir / "config" / f"limit{limit}.yaml").write_text(yaml.safe_dump(config))
+        return f"--configfile=config/limit{limit}.yaml"
+
+    snakemake(workdir, "-c2", with_limit(2), "results/collection.json")
+    done = sorted(p.stem for p in (workdir / "data" / "processed").glob("*.h5ad"))
+    assert done == ["demo-human-blood", "demo-human-lung"]
+    rows = {p: p.stat().st_mtime_ns for p in (workdir / "results" / "listing").glob("*.tsv")}
+
+    four = with_limit(4)
+    snakemake(workdir, "-c1", four, "results/datasets.tsv")  # the listing grows to 4
+    assert all(p.stat().st_mtime_ns == t for p, t in rows.items())  # old rows untouched
+    dry = snakemake(workdir, "-n", four, "results/collection.json").stdout
+    new = {"demo-mouse-brain", "demo-mouse-lung"}
+    assert planned(dry, "download") == new and planned(dry, "preprocess") == new
+    assert job_counts(dry) == {"download": 2, "preprocess": 2, "collection": 1}
+    assert job_counts(snakemake(workdir, "-n", four, "all").stdout)["train"] == 1
+
+    # a new version of one listed dataset changes its row (size, md5): it alone is redone
+    raw = workdir / "resources" / "demo" / "datasets" / "demo-human-lung.h5ad"
+    adata = anndata.read_h5ad(raw)
+    adata.uns["revision"] = 2
+    adata.write_h5ad(raw)
+    snakemake(workdir, "-c1", "-f", four, "results/datasets.tsv")
+    dry = snakemake(workdir, "-n", four, "results/collection.json").stdout
+    assert planned(dry, "download") == new | {"demo-human-lung"}
+    assert planned(dry, "preprocess") == new | {"demo-human-lung"}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from scprint.io import StageError
+
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 ZARR_MARKERS = (".zgroup", ".zattrs", ".zarray", "zarr.json")
 
@@ -96,4 +98,26 @@ def duplicated_genes_problem(var_names, where: str = "var.index") -> str | None:
         f"{examples(duplicated, 3)}). Fix: keep one row per gene, e.g. sum the duplicated "
         "rows' counts per gene (adata[:, ~adata.var_names.duplicated()] keeps the first), or "
         "rebuild var.index from the Ensembl ids if it was made from symbols"
+    )
+
+
+def check_h5ad_file(dataset: str, path: Path) -> None:
+    """Refuse a missing input or one that is not an HDF5 file, before any reader opens it."""
+    path = Path(path)
+    if not path.exists():
+        raise StageError(
+            f"dataset {dataset}: input {path} does not exist. Fix: download it first "
+            "(`scprint download`) or correct the path"
+        )
+    wrong_format = file_format_problem(path)
+    if wrong_format:
+        raise StageError(f"dataset {dataset}: {wrong_format}")
+
+
+def unreadable_h5ad(dataset: str, path: Path, err: Exception) -> StageError:
+    """The error for an HDF5 file that h5py/anndata cannot read as an h5ad."""
+    return StageError(
+        f"dataset {dataset}: cannot read {path} as an h5ad file ({type(err).__name__}: "
+        f"{err}). The file is corrupt or truncated (an interrupted download?). Fix: "
+        "delete it and download it again; `scprint download` verifies size and checksum"
     )

@@ -296,6 +296,11 @@ def select(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", choices=("cellxgene", "local"), required=True)
     parser.add_argument("--out", required=True, type=Path, help="the TSV to write")
+    parser.add_argument(
+        "--rows-dir",
+        type=Path,
+        help="also write one <dataset>.tsv per row here, rewritten only when its row changed",
+    )
     parser.add_argument("--api", default=DEFAULT_API, help="Curation API base URL")
     parser.add_argument("--local-dir", type=Path, help="folder of .h5ad files (source local)")
     many = dict(nargs="*", action="extend", default=[])
@@ -336,4 +341,24 @@ def run(args: argparse.Namespace) -> list[DatasetRow]:
         log.warning("no dataset passed the filters; %s lists none", args.out)
     write_text(args.out, format_listing(rows))
     log.info("wrote %s: %d datasets", args.out, len(rows))
+    if args.rows_dir is not None:
+        changed = write_rows(rows, args.rows_dir)
+        log.info("%s: %d of %d rows new or changed", args.rows_dir, len(changed), len(rows))
     return rows
+
+
+def write_rows(rows: list[DatasetRow], folder: Path) -> list[str]:
+    """One small listing per dataset, rewritten only when its content differs.
+
+    The workflow's per-dataset jobs take these as input instead of the whole listing, so
+    growing the listing (a higher limit, another include) leaves the files, their mtimes
+    and so the jobs of datasets already listed untouched; a row whose version, url or size
+    changed is rewritten and only that dataset is redone. Returns the ids rewritten."""
+    changed = []
+    for row in rows:
+        path = folder / f"{check_dataset_id(row.dataset_id)}.tsv"
+        text = format_listing([row])
+        if not path.is_file() or path.read_text() != text:
+            write_text(path, text)
+            changed.append(row.dataset_id)
+    return changed

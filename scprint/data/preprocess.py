@@ -5,6 +5,12 @@ The Preprocessor fails late and cryptically on the inputs users actually have (s
 registries do not know. So every problem we can see is looked for before it runs, all of
 them reported at once in one error that names the dataset, each problem and its fix.
 
+By default the dataset is then processed a chunk of cells at a time in bounded memory
+(``preprocess_chunked``, scprint/data/chunked.py), with the Preprocessor's result;
+``--whole-file`` (and ``--do-postp``, a PCA of the whole matrix) run the Preprocessor
+itself on the whole file (``preprocess``). Checks that need every cell (the cell filter's
+drop amount) run during the pass; a refusal then removes the partial output.
+
 Counts: raw integer counts are taken from ``raw.X`` when present (CELLxGENE keeps them
 there whenever ``X`` is normalized), else ``X``, else ``layers["counts"]``; the chosen
 matrix becomes ``X`` before the Preprocessor runs. A dataset with no raw counts anywhere
@@ -25,8 +31,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from scprint.data.checks import duplicated_genes_problem, file_format_problem, value_problem
+from scprint.data.checks import (
+    check_h5ad_file,
+    duplicated_genes_problem,
+    unreadable_h5ad,
+    value_problem,
+)
 from scprint.data.checks import examples as _examples
+from scprint.data.chunked import CHUNK_CELLS
 from scprint.io import StageError, atomic_path, check_dataset_id, write_json
 
 log = logging.getLogger(__name__)
@@ -66,22 +78,11 @@ class Params:
 def read_dataset(dataset: str, path: Path):
     import anndata
 
-    if not path.exists():
-        raise StageError(
-            f"dataset {dataset}: input {path} does not exist. Fix: download it first "
-            "(`scprint download`) or correct the path"
-        )
-    wrong_format = file_format_problem(path)
-    if wrong_format:
-        raise StageError(f"dataset {dataset}: {wrong_format}")
+    check_h5ad_file(dataset, path)
     try:
         return anndata.read_h5ad(path)
     except Exception as err:  # h5py/anndata raise OSError, KeyError, ValueError...
-        raise StageError(
-            f"dataset {dataset}: cannot read {path} as an h5ad file ({type(err).__name__}: "
-            f"{err}). The file is corrupt or truncated (an interrupted download?). Fix: "
-            "delete it and download it again; `scprint download` verifies size and checksum"
-        ) from err
+        raise unreadable_h5ad(dataset, path, err) from err
 
 
 def describe_values(matrix) -> str | None:
@@ -93,23 +94,24 @@ def describe_values(matrix) -> str | None:
     return value_problem(rows.data if sp.issparse(rows) else np.asarray(rows).ravel())
 
 
-def choose_counts(adata) -> tuple[str | None, object, object, list[str]]:
-    """Find the raw counts: (where, matrix, var, why-not per place looked at)."""
-    looked = []
-    if adata.raw is not None:
-        problem = describe_values(adata.raw.X)
-        if problem is None:
-            return "raw.X", adata.raw.X, adata.raw.var, looked
-        looked.append(f"raw.X has {problem}")
-    problem = describe_values(adata.X)
-    if problem is None:
-        return "X", adata.X, adata.var, looked
-    looked.append(f"X has {problem}")
+def counts_places(adata) -> list[tuple[str, object, object]]:
+    """Where raw counts may be in an in-memory AnnData, in the order looked at."""
+    places = [("raw.X", adata.raw.X, adata.raw.var)] if adata.raw is not None else []
+    places.append(("X", adata.X, adata.var))
     if "counts" in adata.layers:
-        problem = describe_values(adata.layers["counts"])
+        places.append(("layers['counts']", adata.layers["counts"], adata.var))
+    return places
+
+
+def choose_counts(places) -> tuple[str | None, object, object, list[str]]:
+    """Find the raw counts among (label, matrix, var) places: (where, matrix, var, why-not
+    per place looked at). Matrices may be backed: only their first rows are read."""
+    looked = []
+    for where, matrix, var in places:
+        problem = describe_values(matrix)
         if problem is None:
-            return "layers['counts']", adata.layers["counts"], adata.var, looked
-        looked.append(f"layers['counts'] has {problem}")
+            return where, matrix, var, looked
+        looked.append(f"{where} has {problem}")
     return None, None, None, looked
 
 
@@ -143,38 +145,36 @@ def harmonise_obs(obs, uns) -> dict[str, int]:
     return {k: v for k, v in relabelled.items() if v}
 
 
-def check_structure(adata, params: Params) -> tuple[list[str], dict]:
+def check_structure(obs, var_names, places, params: Params) -> tuple[list[str], dict]:
     """Problems visible without the database, and the chosen counts (when found)."""
-    import numpy as np
-
     problems = []
-    if adata.n_obs == 0:
+    if len(obs) == 0:
         problems.append("it has no cells. Fix: check the file is the dataset you meant")
         return problems, {}
-    duplicated = adata.obs_names[adata.obs_names.duplicated()].unique()
+    duplicated = obs.index[obs.index.duplicated()].unique()
     if len(duplicated):
         problems.append(
             f"{len(duplicated)} cell ids occur more than once (e.g. {_examples(duplicated, 3)}). "
             "Fix: make them unique, e.g. adata.obs_names_make_unique(), or undo the merge that "
             "duplicated cells"
         )
-    missing = [c for c in REQUIRED_OBS if c not in adata.obs.columns]
+    missing = [c for c in REQUIRED_OBS if c not in obs.columns]
     if missing:
         problems.append(
             f"required obs columns are missing: {', '.join(missing)}. Fix: add them with "
             "ontology term ids (CELLxGENE schema), using 'unknown' where a value is not known"
         )
-    if adata.n_obs < params.min_dataset_size:
+    if len(obs) < params.min_dataset_size:
         problems.append(
-            f"it has only {adata.n_obs} cells, fewer than --min-dataset-size "
+            f"it has only {len(obs)} cells, fewer than --min-dataset-size "
             f"{params.min_dataset_size}. Fix: lower --min-dataset-size or leave it out"
         )
-    naming = gene_naming_problem([str(v) for v in adata.var_names], params)
+    naming = gene_naming_problem([str(v) for v in var_names], params)
     if naming:
         problems.append(naming)
-    where, counts, var, looked = choose_counts(adata)
+    where, counts, var, looked = choose_counts(places)
     duplicated_genes = duplicated_genes_problem(
-        (adata.var if var is None else var).index,
+        var_names if var is None else var.index,
         "raw.var.index" if where == "raw.X" else "var.index",
     )
     if duplicated_genes:
@@ -192,32 +192,38 @@ def check_structure(adata, params: Params) -> tuple[list[str], dict]:
             f"itself and needs the raw integer counts. Fix: {fix}"
         )
         return problems, {}
-    nnz = np.asarray((counts > 0).sum(axis=1)).ravel()
+    return problems, {"where": where, "counts": counts, "var": var}
+
+
+def check_cells_kept(n_obs: int, nnz, params: Params) -> list[str]:
+    """The Preprocessor's cell filter and drop-amount check, from expressed genes per cell."""
+    import numpy as np
+
     kept = int((nnz >= params.min_nnz_genes).sum())
     fix = (
         "Fix: lower --min-nnz-genes (targeted panels, shallow sequencing) or "
         "--min-dataset-size, or leave this dataset out"
     )
     if kept == 0:
-        problems.append(
+        return [
             f"zero cells left after filtering: no cell has >= {params.min_nnz_genes} expressed "
             f"genes (median {int(np.median(nnz))}). {fix}"
-        )
-    elif kept < params.min_dataset_size <= adata.n_obs:
-        problems.append(
-            f"only {kept} of {adata.n_obs} cells have >= {params.min_nnz_genes} expressed genes, "
+        ]
+    if kept < params.min_dataset_size <= n_obs:
+        return [
+            f"only {kept} of {n_obs} cells have >= {params.min_nnz_genes} expressed genes, "
             f"fewer than --min-dataset-size {params.min_dataset_size}. {fix}"
-        )
-    elif adata.n_obs / (kept + 1) > params.maxdropamount:
-        problems.append(
-            f"filtering would drop {adata.n_obs - kept} of {adata.n_obs} cells (fewer than "
+        ]
+    if n_obs / (kept + 1) > params.maxdropamount:
+        return [
+            f"filtering would drop {n_obs - kept} of {n_obs} cells (fewer than "
             f"{params.min_nnz_genes} expressed genes), more than --maxdropamount "
             f"{params.maxdropamount} allows. {fix}"
-        )
-    return problems, {"where": where, "counts": counts, "var": var, "cells_kept": kept}
+        ]
+    return []
 
 
-def check_against_registries(adata, var_names, params: Params) -> tuple[list[str], dict]:
+def check_against_registries(obs, var_names, params: Params) -> tuple[list[str], dict]:
     """Organism, ontology terms and genes, checked against the laminDB registries."""
     import bionty as bt
 
@@ -232,7 +238,7 @@ def check_against_registries(adata, var_names, params: Params) -> tuple[list[str
             "populated. Fix: run `scprint ontologies` (the workflow's ontologies rule) first"
         ], {}
     problems = []
-    organisms = adata.obs["organism_ontology_term_id"].astype(str).unique().tolist()
+    organisms = obs["organism_ontology_term_id"].astype(str).unique().tolist()
     if len(organisms) != 1:
         problems.append(
             f"it mixes organisms ({_examples(organisms)}); the Preprocessor handles one per "
@@ -241,7 +247,7 @@ def check_against_registries(adata, var_names, params: Params) -> tuple[list[str
         return problems, {}
     organism = organisms[0]
     for column, registry in REGISTRY_FOR_COLUMN.items():
-        values = adata.obs[column]
+        values = obs[column]
         if values.isna().any():
             problems.append(
                 f"obs column {column} has {int(values.isna().sum())} empty values. Fix: use "
@@ -313,26 +319,43 @@ def known_organisms() -> set[str]:
     return set(bt.Organism.objects.values_list("ontology_id", flat=True))
 
 
-def preprocess(dataset: str, input_path: Path, params: Params) -> tuple[object, dict]:
-    """Check, then run the Preprocessor; returns the processed AnnData and the report."""
-    import anndata
-
+def check(dataset: str, input_path: Path, obs, uns, var_names, places, params: Params):
+    """Every check that needs no pass over the counts; raises one StageError listing all."""
     from scprint.data.lamin import connect
 
-    started = time.perf_counter()
-    adata = read_dataset(dataset, input_path)
-    shape_in = {"cells": adata.n_obs, "genes": adata.n_vars}
-    relabelled = harmonise_obs(adata.obs, adata.uns)
-    problems, counts = check_structure(adata, params)
+    relabelled = harmonise_obs(obs, uns)
+    problems, counts = check_structure(obs, var_names, places, params)
     registry_info: dict = {}
-    if not any(c not in adata.obs.columns for c in REQUIRED_OBS) and adata.n_obs:
+    if not any(c not in obs.columns for c in REQUIRED_OBS) and len(obs):
         connect()
-        var_names = counts["var"].index if counts else adata.var_names
-        more, registry_info = check_against_registries(adata, var_names, params)
+        more, registry_info = check_against_registries(
+            obs, counts["var"].index if counts else var_names, params
+        )
         problems += more
+    refuse(dataset, input_path, problems)
+    return relabelled, counts, registry_info
+
+
+def refuse(dataset: str, input_path: Path, problems: list[str]) -> None:
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
         raise StageError(f"dataset {dataset} ({input_path}) cannot be preprocessed:\n{listed}")
+
+
+def preprocess(dataset: str, input_path: Path, params: Params) -> tuple[object, dict]:
+    """The whole file in memory through scdataloader's Preprocessor (the reference, and the
+    only path for do_postp); returns the processed AnnData and the report."""
+    import anndata
+    import numpy as np
+
+    started = time.perf_counter()
+    adata = read_dataset(dataset, input_path)
+    n_cells = adata.n_obs
+    relabelled, counts, registry_info = check(
+        dataset, input_path, adata.obs, adata.uns, adata.var_names, counts_places(adata), params
+    )
+    nnz = np.asarray((counts["counts"] > 0).sum(axis=1)).ravel()
+    refuse(dataset, input_path, check_cells_kept(n_cells, nnz, params))
 
     # the chosen raw counts become X; raw and layers go, so the Preprocessor sees one matrix
     clean = anndata.AnnData(X=counts["counts"], obs=adata.obs, var=counts["var"], uns=adata.uns)
@@ -357,40 +380,125 @@ def preprocess(dataset: str, input_path: Path, params: Params) -> tuple[object, 
     if "unseen_genes" in processed.uns:  # built from a set: sort for the same bytes each run
         processed.uns["unseen_genes"] = sorted(processed.uns["unseen_genes"])
     unseen = len(processed.uns.get("unseen_genes", []))
-    report = {
+    report = make_report(
+        dataset, input_path, params, counts, registry_info, relabelled, n_cells,
+        processed.obs, n_vars=processed.n_vars, n_mapped=processed.n_vars - unseen,
+        unseen=unseen, started=started,
+    )  # fmt: skip
+    return processed, report
+
+
+def validate(dataset: str, obs, var, organism: str) -> None:
+    """scdataloader's validation (skip_validate=False) on the annotations: it reads no counts."""
+    import anndata
+    from scdataloader.utils import validate as scdataloader_validate
+
+    try:
+        scdataloader_validate(anndata.AnnData(obs=obs, var=var), organism=organism)
+    except ValueError as err:
+        raise StageError(
+            f"dataset {dataset}: scdataloader's validation failed after our checks passed: "
+            f"{err}. Fix: correct the obs column it names, or pass --skip-validate"
+        ) from err
+
+
+def make_report(
+    dataset, input_path, params, counts, registry_info, relabelled, n_cells, obs, *,
+    n_vars, n_mapped, unseen, started,
+) -> dict:  # fmt: skip
+    return {
         "dataset": dataset,
         "input": str(input_path),
-        "organism": organism,
+        "organism": registry_info["organism"],
         "counts_from": counts["where"],
         "cells": {
-            "before": shape_in["cells"],
-            "after": processed.n_obs,
-            "dropped": {
-                f"fewer than {params.min_nnz_genes} expressed genes": shape_in["cells"]
-                - processed.n_obs
-            },
+            "before": n_cells,
+            "after": len(obs),
+            "dropped": {f"fewer than {params.min_nnz_genes} expressed genes": n_cells - len(obs)},
         },
         "genes": {
             "before": int(counts["var"].shape[0]),
             "known_to_registry": registry_info["genes_in_registry"],
             "dropped": {
-                "not in the gene registry or duplicated": int(counts["var"].shape[0])
-                - (processed.n_vars - unseen)
+                "not in the gene registry or duplicated": int(counts["var"].shape[0]) - n_mapped
             },
             "added_as_zero (registry genes absent from the dataset)": unseen,
-            "after": processed.n_vars,
+            "after": n_vars,
         },
         "qc_flags": {
-            "outlier": int(processed.obs["outlier"].sum()) if "outlier" in processed.obs else None,
-            "mt_outlier": int(processed.obs["mt_outlier"].sum())
-            if "mt_outlier" in processed.obs
-            else None,
+            "outlier": int(obs["outlier"].sum()) if "outlier" in obs else None,
+            "mt_outlier": int(obs["mt_outlier"].sum()) if "mt_outlier" in obs else None,
         },
         "relabelled": relabelled,
         "params": asdict(params),
         "duration_s": round(time.perf_counter() - started, 2),
     }
-    return processed, report
+
+
+def preprocess_chunked(dataset: str, input_path: Path, out: Path, params: Params, chunk: int):
+    """The same result as ``preprocess``, read and written a chunk of cells at a time
+    (scprint.data.chunked); writes ``out`` atomically and returns the report."""
+    import numpy as np
+    import pandas as pd
+    from scdataloader.utils import load_genes
+
+    from scprint.data import chunked
+
+    started = time.perf_counter()
+    reader = chunked.Reader(dataset, input_path)
+    try:
+        places = [(w, reader.matrix(key), var) for w, key, var in reader.places()]
+        relabelled, counts, registry_info = check(
+            dataset, input_path, reader.obs, reader.uns, reader.var.index, places, params
+        )
+        key = {w: k for w, k, _ in reader.places()}[counts["where"]]
+        genemap = chunked.map_genes(
+            counts["var"], load_genes(registry_info["organism"]), params.is_symbol
+        )
+        if genemap.n_mapped < params.min_valid_genes_id:
+            refuse(dataset, input_path, [
+                f"only {genemap.n_mapped} genes map to the registry, fewer than "
+                f"--min-valid-genes-id {params.min_valid_genes_id}. Fix: lower it for small "
+                "gene panels, or check the gene ids"
+            ])  # fmt: skip
+        # the Preprocessor's X: the counts' dtype padded with float32 zeros
+        dtype = np.result_type(counts["counts"].dtype, np.float32)
+        parts, n_genes = [], []
+        cells = np.zeros(len(genemap.var), np.int64)
+        totals = np.zeros(len(genemap.var), np.float64)
+        with atomic_path(out) as tmp:
+            writer = chunked.Writer(tmp, len(genemap.var))
+            try:
+                for rows in reader.chunks(key, chunk):
+                    part = chunked.transform(rows, genemap, params.min_nnz_genes, dtype)
+                    writer.append(part.X)
+                    parts.append(part.obs)
+                    n_genes.append(part.n_genes)
+                    cells += part.gene_cells
+                    totals += part.gene_totals
+                    del part
+                n_genes = np.concatenate(n_genes)
+                refuse(dataset, input_path, check_cells_kept(reader.n_obs, n_genes, params))
+                kept = reader.obs[n_genes >= params.min_nnz_genes]
+                qc = pd.concat(parts, ignore_index=True).set_axis(kept.index)
+                obs = pd.concat([kept, qc], axis=1)
+                obs["outlier"], obs["mt_outlier"] = chunked.outliers(obs)
+                if not params.skip_validate:
+                    validate(dataset, obs, genemap.var, registry_info["organism"])
+                var = chunked.gene_qc(genemap.var, cells, totals, writer.n_obs, dtype)
+                obs.index = pd.Index([f"{dataset}:{c}" for c in obs.index])
+                # the Preprocessor's gene padding (anndata concat) drops the input's uns
+                uns = {"unseen_genes": genemap.unseen, "dataset_id": dataset}
+                writer.finish(obs, var, uns)
+            finally:
+                writer.close()
+    finally:
+        reader.close()
+    return make_report(
+        dataset, input_path, params, counts, registry_info, relabelled, len(n_genes), obs,
+        n_vars=len(genemap.var), n_mapped=genemap.n_mapped, unseen=len(genemap.unseen),
+        started=started,
+    )  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -413,7 +521,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--do-postp",
         action=argparse.BooleanOptionalAction,
         default=defaults.do_postp,
-        help="also store layers['norm'] and obsm['X_pca'] (scdataloader's post-processing)",
+        help="also store layers['norm'] and obsm['X_pca'] (scdataloader's post-processing; "
+        "reads the whole file in memory)",
+    )
+    parser.add_argument(
+        "--chunk-cells",
+        type=int,
+        default=CHUNK_CELLS,
+        help="cells read, processed and written at a time: memory grows with it, not with "
+        "the dataset",
+    )
+    parser.add_argument(
+        "--whole-file",
+        action="store_true",
+        help="load the whole dataset and run scdataloader's Preprocessor itself (the "
+        "reference the chunked path equals; implied by --do-postp)",
     )
 
 
@@ -437,13 +559,18 @@ def run(args: argparse.Namespace) -> None:
     )
     refusal = refusal_path(args.report, dataset)
     try:
-        processed, report = preprocess(dataset, Path(args.input), params)
+        if args.whole_file or params.do_postp:
+            processed, report = preprocess(dataset, Path(args.input), params)
+            with atomic_path(args.out) as tmp:
+                processed.write_h5ad(tmp)
+        else:
+            report = preprocess_chunked(
+                dataset, Path(args.input), args.out, params, args.chunk_cells
+            )
     except StageError as err:  # recorded for the report's dataset table, then raised
         write_json(refusal, {"dataset": dataset, "input": str(args.input), "reason": str(err)})
         raise
     report["output"] = str(args.out)
-    with atomic_path(args.out) as tmp:
-        processed.write_h5ad(tmp)
     write_json(args.report, report)
     refusal.unlink(missing_ok=True)
     log.info(

@@ -1,5 +1,6 @@
 import json
 import shlex
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +13,7 @@ validate(config, schema="../schemas/config.schema.yaml")
 # per-rule conda environments, which hold only the dependencies) and logs W&B offline
 # unless the user's WANDB_MODE says otherwise.
 SCPRINT_ROOT = Path(workflow.basedir).parent
+sys.path.insert(0, str(SCPRINT_ROOT))  # scprint.plan: the resource formulas below
 shell.prefix(
     f"export LAMIN_SETTINGS_DIR={shlex.quote(str(Path(config['lamin']['settings_dir']).resolve()))}; "
     f"export PYTHONPATH={shlex.quote(str(SCPRINT_ROOT))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
@@ -21,6 +23,10 @@ shell.prefix(
 LAMIN_INSTANCE = "results/lamin_instance.json"
 ONTOLOGIES = "results/ontologies.json"
 DATASETS = "results/datasets.tsv"
+# one row of the listing per dataset, rewritten only when that row changes: the download
+# depends on its own row, so a growing listing redoes nothing already done
+DATASET_ROWS = "results/listing"
+DATASET_ROW = f"{DATASET_ROWS}/{{dataset}}.tsv"
 RAW = "data/raw/{dataset}.h5ad"
 PROCESSED = "data/processed/{dataset}.h5ad"
 PREPROCESS_REPORT = "results/preprocess/{dataset}.json"
@@ -113,6 +119,39 @@ def processed_datasets(wildcards):
 
 def preprocess_reports(wildcards):
     return expand(PREPROCESS_REPORT, dataset=dataset_ids())
+
+
+# Resources that follow the data (Slurm): each dataset's memory and runtime come from its
+# listing row (cells, bytes) and grow with Snakemake's `attempt`, so a job killed for
+# memory or time is resubmitted bigger (profiles/slurm: retries). Formulas: scprint/plan.py,
+# the same ones `scprint plan` prints.
+def dataset_resource(stage, resource):
+    from scprint.plan import job_resources
+
+    def get(wildcards, attempt):
+        row = DATASET_ROW.format(dataset=wildcards.dataset)
+        return job_resources(stage, row, attempt)[resource]
+
+    return get
+
+
+def listed_datasets():
+    """Datasets in the listing; 0 before the listing exists (a dry run)."""
+    if not Path(DATASETS).exists():
+        return 0
+    return len(pd.read_csv(DATASETS, sep="\t", usecols=["dataset_id"]))
+
+
+def collection_mem_mb(wildcards, attempt):
+    from scprint.plan import collection_mem_mb
+
+    return collection_mem_mb(listed_datasets(), attempt)
+
+
+def collection_runtime(wildcards, attempt):
+    from scprint.plan import collection_runtime_min
+
+    return collection_runtime_min(listed_datasets(), attempt)
 
 
 def preprocess_args():

@@ -26,19 +26,41 @@ checkpoint list_datasets:
         "../../envs/data.yaml"
     params:
         args=listing_args(),
+        rows=DATASET_ROWS,
     shell:
-        "python -m scprint list-datasets {params.args} --out {output.tsv} > {log} 2>&1"
+        "python -m scprint list-datasets {params.args} --out {output.tsv}"
+        " --rows-dir {params.rows} > {log} 2>&1"
+
+
+rule plan:
+    input:
+        listing=DATASETS,
+        configs=config["train"]["configs"],
+    output:
+        "results/plan.json",
+    log:
+        "logs/plan/plan.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        configs=lambda wildcards, input: repeated("--config", input.configs),
+    shell:
+        "python -m scprint plan --listing {input.listing} {params.configs} --out {output}"
+        " 2>&1 | tee {log}"
 
 
 rule download:
     input:
-        DATASETS,
+        DATASET_ROW,
     output:
         RAW,
     log:
         "logs/download/{dataset}.log",
     conda:
         "../../envs/data.yaml"
+    resources:
+        mem_mb=dataset_resource("download", "mem_mb"),
+        runtime=dataset_resource("download", "runtime"),
     params:
         retries=config["download"]["retries"],
         timeout=config["download"]["timeout_s"],
@@ -58,6 +80,9 @@ rule preprocess:
         "logs/preprocess/{dataset}.log",
     conda:
         "../../envs/data.yaml"
+    resources:
+        mem_mb=dataset_resource("preprocess", "mem_mb"),
+        runtime=dataset_resource("preprocess", "runtime"),
     params:
         args=preprocess_args(),
     shell:
@@ -75,6 +100,9 @@ rule collection:
         "logs/collection/collection.log",
     conda:
         "../../envs/data.yaml"
+    resources:
+        mem_mb=collection_mem_mb,
+        runtime=collection_runtime,
     params:
         key=config["collection"]["key"],
     shell:

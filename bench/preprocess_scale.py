@@ -1,0 +1,136 @@
+"""Preprocess at CELLxGENE scale: peak RSS and cells/s of ``scprint preprocess`` (chunked) on
+generated CELLxGENE-shaped files (normalized X + raw.X counts, 60,000 genes in var, ~2,000
+non-zeros a cell), with scdataloader's Preprocessor on the whole file as the baseline on the
+smallest size (``--whole-file``: the same CLI, checks and write, the Preprocessor in between).
+
+Sizes: 100,000 cells, and 1,000,000 with ``--sizes 100000,1000000`` (a ~32 GB input and
+tens of minutes on 2 cores). Goals: the 1M peak <= 6 GB and <= 1.5x the 100k peak; cells/s
+>= the Preprocessor's on 100k. Rows also go to the section's ``sizes`` list as
+{"n_cells", "peak_rss_mb", "cells_per_s"}.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import Row, section_parser, write_section
+from bench.preprocess import HUMAN, measure
+
+N_GENES = 60_000
+NNZ_PER_CELL = 2_000
+WRITE_CHUNK = 20_000
+
+
+def make_input(path: Path, n_cells: int, seed: int = 0) -> None:
+    """Write the file a chunk at a time (bounded memory), then rename it into place."""
+    if path.exists():
+        return
+    import anndata as ad
+    import h5py
+    import pandas as pd
+    import scipy.sparse as sp
+    from anndata.io import sparse_dataset, write_elem
+
+    from scprint.data.organisms import gene_table
+
+    genes = gene_table(HUMAN).drop_duplicates("ensembl_gene_id").head(N_GENES)
+    var = pd.DataFrame(
+        {"feature_name": genes.symbol.astype(str).values, "feature_is_filtered": False},
+        index=genes.ensembl_gene_id.values,
+    )
+    rng = np.random.default_rng(seed)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with h5py.File(tmp, "w") as f:
+        for start in range(0, n_cells, WRITE_CHUNK):
+            n = min(WRITE_CHUNK, n_cells - start)
+            # ~2,000 distinct genes a cell, counts 1 + Poisson(1)
+            cols = np.sort(rng.integers(0, len(var), size=(n, NNZ_PER_CELL)), axis=1)
+            counts = sp.csr_matrix(
+                (
+                    (1 + rng.poisson(1.0, size=cols.size)).astype(np.float32),
+                    cols.ravel(),
+                    np.arange(0, cols.size + 1, NNZ_PER_CELL),
+                ),
+                shape=(n, len(var)),
+            )
+            counts.sum_duplicates()
+            norm = counts.multiply(1e4 / counts.sum(axis=1)).tocsr().astype(np.float32)
+            norm.data = np.log1p(norm.data)
+            for key, part in (("raw/X", counts), ("X", norm)):
+                if start == 0:
+                    write_elem(f, key, part)
+                else:
+                    sparse_dataset(f[key]).append(part)
+        cells = np.arange(n_cells)
+        obs = pd.DataFrame(index=[f"cell-{i:07d}" for i in cells])
+        obs["organism_ontology_term_id"] = HUMAN
+        obs["cell_type_ontology_term_id"] = np.array(["CL:0000236", "CL:0000084"])[cells % 2]
+        obs["tissue_ontology_term_id"] = "UBERON:0000178"
+        obs["disease_ontology_term_id"] = "PATO:0000461"
+        obs["development_stage_ontology_term_id"] = "HsapDv:0000087"
+        obs["self_reported_ethnicity_ontology_term_id"] = "HANCESTRO:0005"
+        obs["assay_ontology_term_id"] = "EFO:0009922"
+        obs["sex_ontology_term_id"] = np.array(["PATO:0000383", "PATO:0000384"])[cells % 2]
+        annotations = ad.AnnData(obs=obs, var=var)
+        annotations.strings_to_categoricals()
+        f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
+        f["raw"].attrs["encoding-type"], f["raw"].attrs["encoding-version"] = "raw", "0.1.0"
+        write_elem(f, "obs", annotations.obs)
+        write_elem(f, "var", annotations.var)
+        write_elem(f, "raw/var", annotations.var)
+        write_elem(f, "uns", {})
+        for empty in ("obsm", "varm", "obsp", "varp", "layers"):
+            write_elem(f, empty, {})
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = section_parser(__doc__)
+    parser.add_argument("--sizes", default="100000", help="comma-separated cell counts")
+    args = parser.parse_args()
+    sizes = [2_000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    work = args.workdir.resolve() / "preprocess"
+    work.mkdir(parents=True, exist_ok=True)
+    repo = str(Path(__file__).resolve().parent.parent)  # this checkout's scprint, not another
+    env = {**os.environ, "LAMIN_SETTINGS_DIR": str(work / "lamin" / "settings"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    ready = work / "results" / "ontologies.json"
+    if not ready.exists():
+        for stage in (
+            ["lamin-init", "--storage", "lamin/storage", "--out", "lamin.json"],
+            ["ontologies", "--organism", HUMAN, "--out", str(ready)],
+        ):
+            subprocess.run([sys.executable, "-m", "scprint", *stage], cwd=work, env=env, check=True)
+    rows, sizes_out = [], []
+    for i, n_cells in enumerate(sizes):
+        raw = work / f"cxg-{n_cells}.h5ad"
+        make_input(raw, n_cells)
+        impls = [("scprint preprocess (chunked)", [])]
+        if i == 0:
+            impls.append(("scdataloader Preprocessor (whole file)", ["--whole-file"]))
+        for impl, extra in impls:
+            cmd = [sys.executable, "-m", "scprint", "preprocess", "--dataset", "bench",
+                   "--input", str(raw), "--out", "out.h5ad", "--report", "out.json", *extra]  # fmt: skip
+            took, rss = measure(cmd, work, env)
+            (work / "out.h5ad").unlink(missing_ok=True)
+            figure = f"preprocess {n_cells:,} cells x {N_GENES:,} genes"
+            base = bool(extra)
+            rows += [
+                Row(figure, impl, n_cells / took, "cells/s", baseline=base),
+                Row(figure, impl, rss, "MB peak", baseline=base, higher_is_better=False),
+            ]
+            sizes_out.append(
+                {"impl": impl, "n_cells": n_cells, "peak_rss_mb": round(rss, 1),
+                 "cells_per_s": round(n_cells / took, 1)}
+            )  # fmt: skip
+            print(sizes_out[-1], flush=True)
+    write_section(args.json, "preprocess-scale", rows, sizes=sizes_out, n_genes=N_GENES)
+
+
+if __name__ == "__main__":
+    main()
