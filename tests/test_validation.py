@@ -101,7 +101,7 @@ def module(seed=0) -> ScPrintModule:
     return ScPrintModule(
         genes=[f"G{i}" for i in range(N_GENES)], classes=CLASSES, labels_hierarchy=HIERARCHY,
         label_decoders=DECODERS, gene_positions=list(range(N_GENES)), d_model=16, nhead=2,
-        nlayers=1, d_gene_emb=8, dropout=0.0,
+        nlayers=1, dropout=0.0,
     )  # fmt: skip
 
 
@@ -116,7 +116,7 @@ def validate(model, cb: ValidationMetrics, data=None) -> dict:
 
 def force_cell_type(model: ScPrintModule, leaf: int) -> None:
     """The cell-type head answers ``leaf`` for every cell (last Linear: 0 weights, bias)."""
-    head = model.net.classifiers["cell_type"]
+    head = model.net.cls_decoders["cell_type"]
     last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
     with torch.no_grad():
         last.weight.zero_()
