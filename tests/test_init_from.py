@@ -274,3 +274,58 @@ def test_workflow_train_init_from_reaches_train_run(tmp_path):
     (workdir / "published" / "start.ckpt").write_bytes(b"x")
     proc = snakemake(workdir, "-n", "-p", "--configfile=config/init.yaml", "all")
     assert "--init-from published/start.ckpt" in proc.stdout
+
+
+# ---- from an upstream scPRINT 2.3.8 .ckpt (the real PyPI package, in its own venv) ------
+def test_init_from_an_upstream_checkpoint_end_to_end(tmp_path_factory, tmp_path, monkeypatch):
+    """A tiny upstream model saved by upstream's own code (tests/upstream, the seed venv;
+    skips without it unless SCPRINT_REQUIRE_UPSTREAM=1) starts a run whose collection
+    shares 40 of its 60 genes, lists its classes in the other order and names the
+    organisms differently: imported through scprint convert in a temporary directory
+    that is removed, then reconciled as a checkpoint of ours. ~30 s (one upstream process)."""
+    from test_upstream_convert import build as build_upstream
+
+    up = build_upstream(tmp_path_factory, "docs")
+    ref = torch.load(up / "upstream.ckpt", weights_only=True)["state_dict"]
+    genes = [f"ENSG{i:011d}" for i in range(20, 80)]  # upstream's 20..59 + 20 new
+    cell_type, organism = "cell_type_ontology_term_id", "organism_ontology_term_id"
+    classes = {organism: 2, cell_type: 5}  # upstream: [cell_type, organism]
+    decoders = {
+        cell_type: {i: f"{cell_type}:{i}" for i in range(5)},  # upstream's names
+        organism: {0: "NCBITaxon:9606", 1: "NCBITaxon:10090"},  # upstream's are "...:0/1"
+    }
+    model = build(
+        genes, classes, decoders, parquet(tmp_path, genes), d_model=32, nhead=4, nlayers=2,
+        layers_cls=[16], mvc_decoder="inner product", dropout=0.1,
+        labels_hierarchy={cell_type: {5: [0, 1], 6: [2, 3, 4]}},
+    )  # fmt: skip
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    report = init_from_checkpoint(model, up / "upstream.ckpt")
+    assert list(tmp.iterdir()) == []  # the imported copy is gone
+    d = {k[4:]: v for k, v in model.state_dict().items()}
+    assert report["format"] == "upstream scPRINT"
+    assert report["genes"] == {
+        "shared": 40, "new": 20, "dropped": 20,
+        "dropped_first": [f"ENSG{i:011d}" for i in range(10)],
+    }  # fmt: skip
+    table = "gene_encoder.embeddings.weight"
+    torch.testing.assert_close(d[table][:40], ref[table][20:])
+    torch.testing.assert_close(d[table][40:], before["net." + table][40:])
+    blocks = [k for k in ref if k.startswith(("transformer.", "mvc_decoder.", "expr_"))]
+    assert any(".mixer.Wqkv." in k for k in blocks)
+    for key in blocks:
+        torch.testing.assert_close(d[key], ref[key], msg=key)
+    torch.testing.assert_close(d["pos_encoder.pe"], before["net.pos_encoder.pe"])
+    assert report["classes"]["kept"] == [cell_type]
+    assert list(report["classes"]["reinitialised"]) == [organism]
+    for key in [k for k in ref if k.startswith(f"cls_decoders.{cell_type}.")]:
+        torch.testing.assert_close(d[key], ref[key], msg=key)
+    # start tokens: upstream [cell, cell_type, organism] -> here [cell, organism, cell_type]
+    tokens = "class_encoder.embedding.weight"
+    torch.testing.assert_close(d[tokens], ref[tokens][[0, 2, 1]])
+    with torch.no_grad():  # and it runs
+        out = model.net(torch.arange(12).reshape(2, 6), torch.rand(2, 6) * 5)
+    assert torch.isfinite(out["mean"]).all()
