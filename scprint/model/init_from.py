@@ -16,7 +16,6 @@ positions parquet, one row per gene of the collection).
 
 from __future__ import annotations
 
-import importlib
 import logging
 import tempfile
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from scprint.io import StageError
+from scprint.model import convert
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +135,6 @@ def read_checkpoint(path: str | Path) -> dict:
 def _import_upstream(path: Path) -> dict:
     """Our checkpoint dict for an upstream .ckpt: scprint convert's importer writes it to a
     temporary file (removed after reading), as `scprint convert import` would."""
-    try:
-        convert = importlib.import_module("scprint.model.convert")
-    except ModuleNotFoundError as err:
-        if err.name != "scprint.model.convert":
-            raise
-        raise StageError(
-            f"init_from {path} is an upstream scPRINT checkpoint, and this installation has "
-            "no importer for those (scprint.model.convert, `scprint convert`): convert it "
-            "with a version that has `scprint convert`, then pass the converted checkpoint"
-        ) from None
     with tempfile.TemporaryDirectory(prefix="scprint-init-from-") as tmp:
         dst = Path(tmp, "imported.ckpt")
         convert.import_upstream(path, dst)
