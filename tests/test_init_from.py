@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 
 import lightning as L
 import numpy as np
@@ -36,7 +37,7 @@ def build(genes, classes, decoders, parquet=None, seed=0, **kw) -> ScPrintModule
     torch.manual_seed(seed)
     args = dict(
         genes=genes, classes=classes, label_decoders=decoders, gene_embeddings=parquet,
-        gene_positions=list(range(len(genes))), d_model=16, nhead=2, nlayers=2, d_gene_emb=8,
+        gene_positions=list(range(1, len(genes) + 1)), d_model=16, nhead=2, nlayers=2,
         dropout=0.0,
     )  # fmt: skip
     return ScPrintModule(**{**args, **kw})
@@ -81,33 +82,48 @@ def test_shared_genes_and_trunk_come_from_the_checkpoint_new_genes_from_the_parq
     src, path = source_ckpt
     decoders = {"organism": {0: "NCBITaxon:9606"}, "cell_type": {0: "CL:1", 1: "CL:2", 2: "CL:9"}}
     classes = {"organism": 1, "cell_type": 3, "tissue": 2}
-    dst = build(DST_GENES, classes, decoders, parquet(tmp_path, DST_GENES), seed=2)
+    positions = list(range(40, 10, -1))  # other genomic ranks than the checkpoint's
+    dst = build(
+        DST_GENES, classes, decoders, parquet(tmp_path, DST_GENES), seed=2, gene_positions=positions
+    )
     before = {k: v.clone() for k, v in dst.state_dict().items()}
     with caplog.at_level(logging.INFO):
         report = init_from_checkpoint(dst, path)
     s, d = src.state_dict(), dst.state_dict()
-    # G10..G29: rows 10..29 in the checkpoint, rows 0..19 here; G30..G39 keep the parquet's
-    torch.testing.assert_close(d["net.gene_table.weight"][:20], s["net.gene_table.weight"][10:])
-    torch.testing.assert_close(
-        d["net.gene_table.weight"][20:], before["net.gene_table.weight"][20:]
-    )
-    assert not torch.equal(before["net.gene_table.weight"][:20], d["net.gene_table.weight"][:20])
-    trunk = [k for k in s if k.startswith(("net.blocks.", "net.ln_f", "net.expr_"))]
-    assert len(trunk) > 10
+    # G10..G29: rows 10..29 in the checkpoint, rows 0..19 here; G30..G39 keep the rows this
+    # run built from its parquet (pooled to d_model)
+    table = "net.gene_encoder.embeddings.weight"
+    assert d[table].shape == (30, 16)
+    torch.testing.assert_close(d[table][:20], s[table][10:])
+    torch.testing.assert_close(d[table][20:], before[table][20:])
+    assert not torch.equal(before[table][:20], d[table][:20])
+    trunk = [
+        k for k in s
+        if k.startswith(("net.transformer.", "net.expr_", "net.depth_encoder.", "net.mvc"))
+    ]  # fmt: skip
+    assert len(trunk) > 10 and any(".mixer.Wqkv." in k for k in trunk)
     for key in trunk:
         torch.testing.assert_close(d[key], s[key], msg=key)
-    torch.testing.assert_close(d["net.gene_pos"], before["net.gene_pos"])  # the collection's
+    # genomic positions: this collection's ranks, not the checkpoint's
+    pe = "net.pos_encoder.pe"
+    assert not torch.equal(before[pe], s[pe][10:])
+    torch.testing.assert_close(d[pe], before[pe])
     # organism: same labels -> head kept; cell_type: CL:3 became CL:9 -> fresh; tissue: new
-    for key in [k for k in s if k.startswith("net.classifiers.organism.")]:
+    for key in [k for k in s if k.startswith("net.cls_decoders.organism.")]:
         torch.testing.assert_close(d[key], s[key])
-    for key in [
-        k for k in d if k.startswith(("net.classifiers.cell_type.", "net.classifiers.tissue."))
-    ]:
+    fresh = [
+        k for k in d if k.startswith(("net.cls_decoders.cell_type.", "net.cls_decoders.tissue."))
+    ]
+    assert len(fresh) >= 4
+    for key in fresh:
         torch.testing.assert_close(d[key], before[key])
-    # cell tokens [cell, organism, cell_type, (tissue), depth]: the tissue token is new
-    src_tok, tok = s["net.cell_tokens"], d["net.cell_tokens"]
-    torch.testing.assert_close(tok[[0, 1, 2, 4]], src_tok[[0, 1, 2, 3]])
-    torch.testing.assert_close(tok[3], before["net.cell_tokens"][3])
+    # start tokens [cell, organism, cell_type, tissue] (depth has its own encoder): the
+    # tissue token is new, the others the checkpoint's
+    tokens = "net.class_encoder.embedding.weight"
+    src_tok, tok = s[tokens], d[tokens]
+    assert src_tok.shape == (3, 16) and tok.shape == (4, 16)
+    torch.testing.assert_close(tok[:3], src_tok)
+    torch.testing.assert_close(tok[3], before[tokens][3])
     assert report["genes"] == {
         "shared": 20, "new": 10, "dropped": 10, "dropped_first": [f"G{i}" for i in range(10)],
     }  # fmt: skip
@@ -125,14 +141,14 @@ def test_training_continues_with_a_fresh_optimizer_and_step(source_ckpt, tmp_pat
         DST_GENES, {"organism": 1, "cell_type": 3}, SRC_DECODERS, parquet(tmp_path, DST_GENES)
     )
     init_from_checkpoint(dst, path)
-    start = dst.net.blocks[0].attn.qkv.weight.detach().clone()
+    start = dst.net.transformer.blocks[0].mixer.Wqkv.weight.detach().clone()
     trainer = L.Trainer(
         max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[TrainingMode(lr=1e-2, warmup_steps=0)],
     )  # fmt: skip
     trainer.fit(dst, DataLoader(batches(len(DST_GENES)), batch_size=None))
     assert trainer.global_step == 3
-    assert not torch.equal(start, dst.net.blocks[0].attn.qkv.weight)  # it trained
+    assert not torch.equal(start, dst.net.transformer.blocks[0].mixer.Wqkv.weight)  # trained
     adam = trainer.optimizers[0].state_dict()["state"]
     assert {int(v["step"]) for v in adam.values()} == {3}  # a new optimizer, from step 0
 
@@ -142,6 +158,14 @@ def test_a_checkpoint_of_another_size_or_vocabulary_is_refused(source_ckpt, tmp_
     wide = build(DST_GENES, {"organism": 1, "cell_type": 3}, SRC_DECODERS, d_model=32)
     with pytest.raises(StageError, match=r"net\..* is \(.*\) in the checkpoint.*d_model"):
         init_from_checkpoint(wide, path)
+    deeper = build(DST_GENES, {"organism": 1, "cell_type": 3}, SRC_DECODERS, nlayers=3)
+    with pytest.raises(
+        StageError, match=r"net\.transformer\.blocks\.2\..* only in this model.*nlayers"
+    ):
+        init_from_checkpoint(deeper, path)
+    heads = build(DST_GENES, {"organism": 1, "cell_type": 3}, SRC_DECODERS, nhead=4)
+    with pytest.raises(StageError, match="nhead=2, this model 4"):
+        init_from_checkpoint(heads, path)  # same shapes, other attention: refused by name
     other = build([f"X{i}" for i in range(30)], {"organism": 1}, {})
     with pytest.raises(StageError, match="shares no gene"):
         init_from_checkpoint(other, path)
@@ -149,24 +173,21 @@ def test_a_checkpoint_of_another_size_or_vocabulary_is_refused(source_ckpt, tmp_
         init_from_checkpoint(other, tmp_path / "nope.ckpt")
 
 
-def test_an_upstream_checkpoint_needs_the_importer(tmp_path):
-    """Without scprint.model.convert (the parity branch's importer) the error says so;
-    with it, import_upstream is what reads the file."""
+def test_an_upstream_checkpoint_goes_through_the_importer_in_a_temp_file(tmp_path, monkeypatch):
+    """An upstream-style .ckpt is read by scprint convert's importer (not ours), which
+    writes into a temporary directory that is gone afterwards, even when it refuses."""
     ckpt = {
         "state_dict": {"transformer.blocks.0.x": torch.zeros(1)},
         "hyper_parameters": {"genes": ["G1"]},
     }
     torch.save(ckpt, tmp_path / "upstream.ckpt")
     model = build(DST_GENES, {"organism": 1}, {})
-    try:
-        import scprint.model.convert  # noqa: F401
-    except ModuleNotFoundError:
-        with pytest.raises(StageError, match="upstream scPRINT checkpoint.*scprint convert"):
-            init_from_checkpoint(model, tmp_path / "upstream.ckpt")
-    else:  # the importer exists: it must reject this fake, not our reader
-        with pytest.raises(Exception) as err:
-            init_from_checkpoint(model, tmp_path / "upstream.ckpt")
-        assert "neither a checkpoint" not in str(err.value)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    with pytest.raises(StageError, match="does not map onto this network"):
+        init_from_checkpoint(model, tmp_path / "upstream.ckpt")
+    assert list(tmp.iterdir()) == []
 
 
 # ---- through `scprint train-run` on a laminDB collection --------------------------------
@@ -216,12 +237,14 @@ def test_train_run_init_from_reconciles_genes_and_trains(tmp_path_factory):
         load(workdir / "checkpoints/dst/last.ckpt"),
     )
     table_src, table_dst = (
-        src["state_dict"]["net.gene_table.weight"],
-        dst["state_dict"]["net.gene_table.weight"],
+        src["state_dict"]["net.gene_encoder.embeddings.weight"],
+        dst["state_dict"]["net.gene_encoder.embeddings.weight"],
     )
-    # frozen table: after training, shared genes still hold the checkpoint's rows, new ones the parquet's
+    # frozen table: after training, shared genes still hold the checkpoint's rows, new ones
+    # the parquet's, pooled to d_model (32) as the network does at build
     torch.testing.assert_close(table_dst[:160], table_src[20:180])
-    torch.testing.assert_close(table_dst[160:], torch.from_numpy(emb[160:]))
+    pooled = torch.nn.AdaptiveAvgPool1d(32)(torch.from_numpy(emb[160:]))
+    torch.testing.assert_close(table_dst[160:], pooled)
     assert dst["optimizer_states"][0]["state"]  # trained, from a fresh optimizer
     assert {int(s["step"]) for s in dst["optimizer_states"][0]["state"].values()} == {2}
     # validation metrics of each loop are in the summary, and label names in the checkpoint
@@ -251,3 +274,58 @@ def test_workflow_train_init_from_reaches_train_run(tmp_path):
     (workdir / "published" / "start.ckpt").write_bytes(b"x")
     proc = snakemake(workdir, "-n", "-p", "--configfile=config/init.yaml", "all")
     assert "--init-from published/start.ckpt" in proc.stdout
+
+
+# ---- from an upstream scPRINT 2.3.8 .ckpt (the real PyPI package, in its own venv) ------
+def test_init_from_an_upstream_checkpoint_end_to_end(tmp_path_factory, tmp_path, monkeypatch):
+    """A tiny upstream model saved by upstream's own code (tests/upstream, the seed venv;
+    skips without it unless SCPRINT_REQUIRE_UPSTREAM=1) starts a run whose collection
+    shares 40 of its 60 genes, lists its classes in the other order and names the
+    organisms differently: imported through scprint convert in a temporary directory
+    that is removed, then reconciled as a checkpoint of ours. ~30 s (one upstream process)."""
+    from test_upstream_convert import build as build_upstream
+
+    up = build_upstream(tmp_path_factory, "docs")
+    ref = torch.load(up / "upstream.ckpt", weights_only=True)["state_dict"]
+    genes = [f"ENSG{i:011d}" for i in range(20, 80)]  # upstream's 20..59 + 20 new
+    cell_type, organism = "cell_type_ontology_term_id", "organism_ontology_term_id"
+    classes = {organism: 2, cell_type: 5}  # upstream: [cell_type, organism]
+    decoders = {
+        cell_type: {i: f"{cell_type}:{i}" for i in range(5)},  # upstream's names
+        organism: {0: "NCBITaxon:9606", 1: "NCBITaxon:10090"},  # upstream's are "...:0/1"
+    }
+    model = build(
+        genes, classes, decoders, parquet(tmp_path, genes), d_model=32, nhead=4, nlayers=2,
+        layers_cls=[16], mvc_decoder="inner product", dropout=0.1,
+        labels_hierarchy={cell_type: {5: [0, 1], 6: [2, 3, 4]}},
+    )  # fmt: skip
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    report = init_from_checkpoint(model, up / "upstream.ckpt")
+    assert list(tmp.iterdir()) == []  # the imported copy is gone
+    d = {k[4:]: v for k, v in model.state_dict().items()}
+    assert report["format"] == "upstream scPRINT"
+    assert report["genes"] == {
+        "shared": 40, "new": 20, "dropped": 20,
+        "dropped_first": [f"ENSG{i:011d}" for i in range(10)],
+    }  # fmt: skip
+    table = "gene_encoder.embeddings.weight"
+    torch.testing.assert_close(d[table][:40], ref[table][20:])
+    torch.testing.assert_close(d[table][40:], before["net." + table][40:])
+    blocks = [k for k in ref if k.startswith(("transformer.", "mvc_decoder.", "expr_"))]
+    assert any(".mixer.Wqkv." in k for k in blocks)
+    for key in blocks:
+        torch.testing.assert_close(d[key], ref[key], msg=key)
+    torch.testing.assert_close(d["pos_encoder.pe"], before["net.pos_encoder.pe"])
+    assert report["classes"]["kept"] == [cell_type]
+    assert list(report["classes"]["reinitialised"]) == [organism]
+    for key in [k for k in ref if k.startswith(f"cls_decoders.{cell_type}.")]:
+        torch.testing.assert_close(d[key], ref[key], msg=key)
+    # start tokens: upstream [cell, cell_type, organism] -> here [cell, organism, cell_type]
+    tokens = "class_encoder.embedding.weight"
+    torch.testing.assert_close(d[tokens], ref[tokens][[0, 2, 1]])
+    with torch.no_grad():  # and it runs
+        out = model.net(torch.arange(12).reshape(2, 6), torch.rand(2, 6) * 5)
+    assert torch.isfinite(out["mean"]).all()

@@ -96,13 +96,22 @@ def batches(n=3, B=8, L_=20, seed=0) -> list[dict]:
     return out
 
 
-def module(seed=0) -> ScPrintModule:
+def module(seed=0, **kw) -> ScPrintModule:
+    """A tiny model whose cell tokens depend on the cell. At upstream's init (Linear weights
+    N(0, 0.02)) the class tokens stay their start vectors: every cell gets the same
+    embedding up to float rounding (cosine distances ~1e-7, exact ties), and kNN would
+    measure the rounding. Wider trunk weights (N(0, 0.2)) make it measure the cells."""
     torch.manual_seed(seed)
-    return ScPrintModule(
+    model = ScPrintModule(
         genes=[f"G{i}" for i in range(N_GENES)], classes=CLASSES, labels_hierarchy=HIERARCHY,
-        label_decoders=DECODERS, gene_positions=list(range(N_GENES)), d_model=16, nhead=2,
-        nlayers=1, d_gene_emb=8, dropout=0.0,
+        label_decoders=DECODERS, gene_positions=list(range(1, N_GENES + 1)), d_model=16,
+        nhead=2, nlayers=1, dropout=0.0, **kw,
     )  # fmt: skip
+    with torch.no_grad():
+        for lin in model.net.transformer.modules():
+            if isinstance(lin, nn.Linear):
+                lin.weight.normal_(0.0, 0.2)
+    return model
 
 
 def validate(model, cb: ValidationMetrics, data=None) -> dict:
@@ -116,7 +125,7 @@ def validate(model, cb: ValidationMetrics, data=None) -> dict:
 
 def force_cell_type(model: ScPrintModule, leaf: int) -> None:
     """The cell-type head answers ``leaf`` for every cell (last Linear: 0 weights, bias)."""
-    head = model.net.classifiers["cell_type"]
+    head = model.net.cls_decoders["cell_type"]
     last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
     with torch.no_grad():
         last.weight.zero_()
@@ -160,6 +169,25 @@ def test_accuracy_responds_to_the_classifier():
     assert validate(model, ValidationMetrics(denoise_cells=0), only_t)["val/acc/cell_type"] == 0.0
     random = validate(module(), ValidationMetrics(denoise_cells=0), data)["val/acc/cell_type"]
     assert 0.0 <= random < 1.0 and labels.unique().numel() == 4
+
+
+def test_knn_reads_the_modules_cell_embedding_as_upstream_predictions():
+    """kNN runs on ScPrintModule.cell_embedding (the mean of the pred_embedding classes'
+    tokens, upstream's validation embedding), not on the network's mean of all tokens."""
+    data = batches(n=4, B=6)
+    for chosen in (None, ["cell_type"]):
+        model = module(pred_embedding=chosen)
+        logged = validate(model, ValidationMetrics(knn_k=3, knn_class="cell_type"), data)
+        with torch.no_grad():
+            states = [model.net.encode(b["genes"].long(), b["x"], b["depth"])[0] for b in data]
+        labels = torch.cat([b["class"][:, 1] for b in data])
+        labels = labels.masked_fill(labels >= 3, -1)  # leaves only: the parent code 3 is out
+        expected = {
+            name: metrics.knn_accuracy(torch.cat([f(s) for s in states]), labels, k=3)
+            for name, f in [("module", model.cell_embedding), ("net", model.net.cell_embedding)]
+        }
+        assert expected["module"] != expected["net"]  # the two embeddings tell apart
+        assert logged["val/knn/cell_type"] == pytest.approx(expected["module"])
 
 
 def test_denoise_noise_is_seeded_and_reconstruction_depends_on_the_model():

@@ -4,33 +4,36 @@ scPRINT's through scprint.model.convert), on this run's collection.
 It is not a resume: the optimizer, scheduler and step start fresh (that is ckpt_path).
 The model is first built for the collection (its genes, gene embeddings, classes), then:
 - genes in both keep the checkpoint's gene-table rows; genes the checkpoint lacks keep
-  the collection's embeddings (the parquet's rows); genes of the checkpoint the collection
-  lacks are dropped, and listed in the log;
+  the collection's embeddings (the parquet's rows, pooled to d_model when the network was
+  built); genes of the checkpoint the collection lacks are dropped, and listed in the log;
 - a class head whose label set (leaf names, in order) changed keeps its fresh
   initialisation, and the log says so; a class token of a class in both is kept;
 - everything else (the transformer, encoders, decoders) is copied and must have the same
   shape: a checkpoint of another size is refused, naming the key.
-Genomic positions stay the collection's (they come from its positions parquet).
+Genomic positions stay the collection's (the pos_encoder.pe buffer is built from its
+positions parquet, one row per gene of the collection).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from scprint.io import StageError
+from scprint.model import convert
 
 log = logging.getLogger(__name__)
 
 # The network's layout, in one place (adapt here when the network changes):
-GENE_TABLE = "net.gene_table.weight"  # (n_genes, E): one row per gene of hparams.genes
-COLLECTION_OWN = ("net.gene_pos",)  # kept from the collection, never from the checkpoint
-CLASS_HEAD = "net.classifiers.{}."  # prefix of a class head's parameters
-CELL_TOKENS = "net.cell_tokens"  # (C, D): [cell, one per class in order, (depth)]
+GENE_TABLE = "net.gene_encoder.embeddings.weight"  # (n_genes, D): a row per hparams.genes
+COLLECTION_OWN = ("net.pos_encoder.pe",)  # (n_genes, 1, D): the collection's, never copied
+CLASS_HEAD = "net.cls_decoders.{}."  # prefix of a class head's parameters
+CELL_TOKENS = "net.class_encoder.embedding.weight"  # (1 + classes, D): [cell, class i...]
+TRUNK = "net.transformer."  # same keys on both sides (nlayers), compared before copying
 
 
 def init_from_checkpoint(module: nn.Module, path: str | Path) -> dict:
@@ -39,18 +42,15 @@ def init_from_checkpoint(module: nn.Module, path: str | Path) -> dict:
     source = read_checkpoint(path)
     target = module.state_dict()
     hp = module.hparams
+    _check_layout(path, source, target, hp)
     genes, report = _gene_rows(source, list(hp.genes))
     new_state = {}
     if genes is not None:
         shared, src_rows, dst_rows = genes
         table = target[GENE_TABLE].clone()
         src_table = source["state_dict"][GENE_TABLE]
-        if src_table.shape[1] != table.shape[1]:
-            raise StageError(
-                f"init_from {path}: its gene table is {src_table.shape[1]} wide, this run's "
-                f"gene embeddings {table.shape[1]}: use the gene embeddings (ESM2 model) the "
-                "checkpoint was trained with (data.gene_embeddings)"
-            )
+        if src_table.shape[1] != table.shape[1]:  # the table is pooled to d_model
+            _refuse(path, GENE_TABLE, src_table, table)
         table[dst_rows] = src_table[src_rows].to(table.dtype)
         new_state[GENE_TABLE] = table
     kept, fresh = _class_heads(source, dict(hp.classes or {}), hp.get("label_decoders") or {})
@@ -63,12 +63,7 @@ def init_from_checkpoint(module: nn.Module, path: str | Path) -> dict:
         if key == CELL_TOKENS:
             value = _cell_tokens(value, target[key], list(source["classes"]), list(hp.classes))
         if value.shape != target[key].shape:
-            raise StageError(
-                f"init_from {path}: {key} is {tuple(value.shape)} in the checkpoint but "
-                f"{tuple(target[key].shape)} here: the checkpoint's network has another "
-                "shape; set the model section (d_model, nlayers, nhead, ...) to the "
-                "checkpoint's, see its hyper_parameters"
-            )
+            _refuse(path, key, value, target[key])
         new_state[key] = value.to(target[key].dtype)
     missing = sorted(
         k for k in target if k not in source["state_dict"] and not k.startswith(COLLECTION_OWN)
@@ -77,6 +72,35 @@ def init_from_checkpoint(module: nn.Module, path: str | Path) -> dict:
     report.update(source=str(path), format=source["format"], not_in_checkpoint=missing)
     _log(report)
     return report
+
+
+def _refuse(path, key: str, theirs: torch.Tensor, ours: torch.Tensor):
+    raise StageError(
+        f"init_from {path}: {key} is {tuple(theirs.shape)} in the checkpoint but "
+        f"{tuple(ours.shape)} here: the checkpoint's network has another shape; set the "
+        "model section (d_model, nlayers, nhead, ...) to the checkpoint's, see its "
+        "hyper_parameters"
+    )
+
+
+def _check_layout(path, source: dict, target: dict, hp) -> None:
+    """Same transformer: the same blocks (nlayers) and heads. Shapes alone miss these: a
+    block the other lacks has no shape to compare, and nhead splits the same Wqkv."""
+    theirs, ours = ({k for k in sd if k.startswith(TRUNK)} for sd in (source["state_dict"], target))
+    if theirs != ours:
+        key = sorted(theirs ^ ours)[0]
+        where = "the checkpoint" if key in theirs else "this model"
+        raise StageError(
+            f"init_from {path}: {key} is only in {where}: the checkpoint's transformer has "
+            "another number of layers (or layout); set model.nlayers to the checkpoint's, "
+            "see its hyper_parameters"
+        )
+    for name in ("nhead", "num_heads_kv"):
+        if name in source["hparams"] and source["hparams"][name] != hp.get(name):
+            raise StageError(
+                f"init_from {path}: the checkpoint has {name}={source['hparams'][name]!r}, "
+                f"this model {hp.get(name)!r}: set model.{name} to the checkpoint's"
+            )
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -94,36 +118,27 @@ def read_checkpoint(path: str | Path) -> dict:
                 "entry) nor an upstream scPRINT one (no hyper_parameters.genes)"
             )
         ckpt, fmt = _import_upstream(path), "upstream scPRINT"
-    meta = ckpt["scprint"]
+    # a trained checkpoint keeps these in "scprint", an imported one in its hyper_parameters
+    meta = {**ckpt.get("hyper_parameters", {}), **ckpt["scprint"]}
+    if not meta.get("genes"):
+        raise StageError(f"init_from {path}: the checkpoint lists no genes (hyper_parameters)")
     return {
         "state_dict": ckpt["state_dict"],
         "genes": list(meta["genes"]),
         "classes": dict(meta.get("classes") or {}),
         "label_decoders": meta.get("label_decoders") or {},
         "format": fmt,
+        "hparams": meta,
     }
 
 
 def _import_upstream(path: Path) -> dict:
-    """Our checkpoint dict for an upstream .ckpt, from scprint convert's importer.
-
-    The contract: ``scprint.model.convert.import_upstream(path)`` returns a checkpoint of
-    ours, as a dict (``state_dict`` + ``scprint``: genes, classes, label_decoders) or as
-    the path of a saved one."""
-    try:
-        convert = importlib.import_module("scprint.model.convert")
-    except ModuleNotFoundError as err:
-        if err.name != "scprint.model.convert":
-            raise
-        raise StageError(
-            f"init_from {path} is an upstream scPRINT checkpoint, and this installation has "
-            "no importer for those (scprint.model.convert, `scprint convert`): convert it "
-            "with a version that has `scprint convert`, then pass the converted checkpoint"
-        ) from None
-    imported = convert.import_upstream(path)
-    if isinstance(imported, (str, Path)):
-        imported = torch.load(imported, map_location="cpu", weights_only=False)
-    return imported
+    """Our checkpoint dict for an upstream .ckpt: scprint convert's importer writes it to a
+    temporary file (removed after reading), as `scprint convert import` would."""
+    with tempfile.TemporaryDirectory(prefix="scprint-init-from-") as tmp:
+        dst = Path(tmp, "imported.ckpt")
+        convert.import_upstream(path, dst)
+        return torch.load(dst, map_location="cpu", weights_only=False)
 
 
 def _gene_rows(source: dict, genes: list[str]):
@@ -182,8 +197,9 @@ def _class_heads(source: dict, classes: dict, decoders: dict) -> tuple[list, dic
 
 
 def _cell_tokens(src: torch.Tensor, dst: torch.Tensor, src_classes, dst_classes) -> torch.Tensor:
-    """Rows [cell, classes..., (depth)]: the cell token, the tokens of classes in both and
-    the depth token come from the checkpoint; tokens of new classes stay fresh."""
+    """Rows [cell, class 0, class 1...] (the depth token has its own encoder, copied as
+    the rest): the cell token and the tokens of classes in both come from the checkpoint;
+    tokens of new classes stay fresh."""
     if src.shape[1] != dst.shape[1]:
         return src  # a width mismatch: the caller's shape check names it
     out = dst.clone()
@@ -191,9 +207,6 @@ def _cell_tokens(src: torch.Tensor, dst: torch.Tensor, src_classes, dst_classes)
     for i, name in enumerate(dst_classes):
         if name in src_classes:
             out[1 + i] = src[1 + src_classes.index(name)]
-    extra_src, extra_dst = src.shape[0] - 1 - len(src_classes), dst.shape[0] - 1 - len(dst_classes)
-    if extra_src and extra_dst:  # the depth token
-        out[-1] = src[-1]
     return out
 
 

@@ -25,9 +25,11 @@ def class_logits(net: nn.Module, cell_states: torch.Tensor) -> dict[str, torch.T
     return net.classify(cell_states)
 
 
-def cell_embedding(net: nn.Module, cell_states: torch.Tensor) -> torch.Tensor:
-    """The cell embedding (B, D) that downstream tasks use."""
-    return net.cell_embedding(cell_states)
+def cell_embedding(module: nn.Module, cell_states: torch.Tensor) -> torch.Tensor:
+    """The cell embedding (B, D) that predictions and upstream's validation kNN use: the
+    ScPrintModule's (mean of the pred_embedding classes' tokens), not the network's mean
+    of all cell tokens."""
+    return module.cell_embedding(cell_states)
 
 
 def expected_counts(

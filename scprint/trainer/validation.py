@@ -88,7 +88,7 @@ class ValidationMetrics(L.Callback):
                     preds = torch.stack([v.argmax(-1) for v in logits.values()], 1)
                     self._kept["pred"].append(preds)
                     self._kept["true"].append(cells["class"][:, : len(logits)].long())
-                self._kept["emb"].append(readout.cell_embedding(net, cell_states).float())
+                self._kept["emb"].append(readout.cell_embedding(pl_module, cell_states).float())
                 self._n_cells += take
             if take_denoise > 0:
                 cells = _first(batch, take_denoise)
