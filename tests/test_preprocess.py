@@ -437,7 +437,10 @@ def assert_same_h5ad(ours: Path, reference: Path) -> None:
 def preprocess_both(workdir: Path, dataset: str, *extra: str) -> tuple[dict, dict]:
     """The chunked path in chunks of 37 cells, then the whole file through the Preprocessor."""
     out = workdir / "data" / "processed"
-    preprocess(workdir, dataset, *extra, "--chunk-cells", "37")
+    proc = preprocess(workdir, dataset, *extra, "--chunk-cells", "37")
+    # progress per chunk, a line per 10% crossed (stderr is not a terminal here)
+    assert f"preprocessing {dataset}: 100%" in proc.stderr
+    assert "\r" not in proc.stderr
     (out / f"{dataset}.h5ad").rename(out / f"{dataset}.chunked.h5ad")
     chunked = json.loads((workdir / "results" / "preprocess" / f"{dataset}.json").read_text())
     preprocess(workdir, dataset, *extra, "--whole-file")

@@ -40,6 +40,7 @@ from scprint.data.checks import (
 from scprint.data.checks import examples as _examples
 from scprint.data.chunked import CHUNK_CELLS
 from scprint.io import StageError, atomic_path, check_dataset_id, write_json
+from scprint.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -469,14 +470,16 @@ def preprocess_chunked(dataset: str, input_path: Path, out: Path, params: Params
         with atomic_path(out) as tmp:
             writer = chunked.Writer(tmp, len(genemap.var))
             try:
-                for rows in reader.chunks(key, chunk):
-                    part = chunked.transform(rows, genemap, params.min_nnz_genes, dtype)
-                    writer.append(part.X)
-                    parts.append(part.obs)
-                    n_genes.append(part.n_genes)
-                    cells += part.gene_cells
-                    totals += part.gene_totals
-                    del part
+                with progress(reader.n_obs, f"preprocessing {dataset}", unit="cells") as bar:
+                    for rows in reader.chunks(key, chunk):
+                        part = chunked.transform(rows, genemap, params.min_nnz_genes, dtype)
+                        writer.append(part.X)
+                        parts.append(part.obs)
+                        n_genes.append(part.n_genes)
+                        cells += part.gene_cells
+                        totals += part.gene_totals
+                        bar.update(rows.shape[0])
+                        del part
                 n_genes = np.concatenate(n_genes)
                 refuse(dataset, input_path, check_cells_kept(reader.n_obs, n_genes, params))
                 kept = reader.obs[n_genes >= params.min_nnz_genes]
