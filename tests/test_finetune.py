@@ -216,3 +216,14 @@ def test_bad_inputs_are_refused_or_logged(demo, tmp_path, caplog):
     adata.write_h5ad(tmp_path / "symbols.h5ad")
     with pytest.raises(StageError, match="none of its 1200 genes"):
         read_labeled([tmp_path / "symbols.h5ad"], "cell_type_ontology_term_id", genes, set())
+
+
+def test_flash_checkpoint_runs_with_sdpa_on_cpu(demo, tmp_path):
+    from scprint.finetune import backbone
+
+    checkpoint = torch.load(demo["ckpt"], weights_only=False)
+    checkpoint["hyper_parameters"]["transformer"] = "flash"
+    torch.save(checkpoint, tmp_path / "flash.ckpt")
+    module = backbone.load_backbone(tmp_path / "flash.ckpt", "cpu")
+    assert module.hparams.transformer == "sdpa" and module.net.cfg.attention == "sdpa"
+    assert len(backbone.lora_targets(module.net)) == 4 * 2  # Wqkv, out_proj, fc1, fc2 x 2
