@@ -1,7 +1,8 @@
 """Fine-tuning step: LoRA (peft, `scprint finetune`) vs full fine-tuning, same model.
 
 The small size (config/pretrain_small.yml: d_model 128, 4 layers, 4 heads) with a frozen
-20,000 x 1,280 gene table (ESM2-650M width), a new 20-label head, B cells x L tokens,
+20,000 x 1,280 gene table (ESM2-650M width, pooled to d_model when the network is built,
+as upstream does), a new 20-label head on the class token (the prediction embedding), B cells x L tokens,
 fp32 (CPU) or bf16 autocast (CUDA). Each configuration runs in its own process so its
 peak memory is its own: step time (forward + backward + AdamW) and peak memory of the steps
 (optimizer state included; CPU: peak RSS reset once the model is built, CUDA: allocated
@@ -48,9 +49,9 @@ def worker(impl: str, B: int, L: int, steps: int) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    cfg = ScPrintConfig(n_genes=N_GENES, d_gene_emb=D_GENE, classes={"organism": 2}, **SHAPE)
-    net = ScPrint(cfg, torch.randn(N_GENES, D_GENE))
-    model = Classifier(net, N_LABELS)
+    cfg = ScPrintConfig(n_genes=N_GENES, classes={"organism": 2}, **SHAPE)
+    net = ScPrint(cfg, torch.randn(N_GENES, D_GENE))  # the table is pooled to d_model
+    model = Classifier(net, N_LABELS, lambda cell_states: cell_states[:, 2])  # class token
     total = count_params(model.net)
     dropout = IMPLS[impl][1]
     if dropout is not None:  # peft keeps a dropped-out copy of each adapted layer's input

@@ -1,14 +1,16 @@
 """Everything fine-tuning knows about the scPRINT network, in one place.
 
-Fine-tuning depends only on: ``ScPrintModule.load(path)``, its hparams (genes), the
-network's ``encode(genes, expression, depth) -> (cell_states, gene_states)`` and
-``cell_embedding(cell_states)``, and which ``nn.Linear`` layers sit inside the
-transformer blocks (:func:`lora_targets`). If the network changes, adapt this file only.
+Fine-tuning depends only on: ``ScPrintModule.load(path)``, its hparams (genes,
+transformer), the network's ``encode(genes, expression, depth) -> (cell_states,
+gene_states)``, the module's ``cell_embedding(cell_states)`` (:func:`readout`), and which
+``nn.Linear`` layers sit inside the transformer blocks (:func:`lora_targets`). If the
+network changes, adapt this file only.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,14 +21,14 @@ log = logging.getLogger(__name__)
 
 def load_backbone(path: str | Path, device: str = "cpu"):
     """The ScPrintModule of a checkpoint, on ``device``, in eval mode. A model trained
-    with attention='flash' runs with 'sdpa' (same weights) where flash cannot run."""
+    with transformer='flash' runs with 'sdpa' (same weights) where flash cannot run."""
     from scprint.model.lightning import ScPrintModule
 
     overrides = {}
     hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
-    if hparams.get("attention") == "flash" and not str(device).startswith("cuda"):
-        log.info("checkpoint uses attention='flash', which needs CUDA: running with 'sdpa'")
-        overrides["attention"] = "sdpa"
+    if hparams.get("transformer") == "flash" and not str(device).startswith("cuda"):
+        log.info("checkpoint uses transformer='flash', which needs CUDA: running with 'sdpa'")
+        overrides["transformer"] = "sdpa"
     module = ScPrintModule.load(path, map_location=device, **overrides)
     return module.eval()
 
@@ -36,21 +38,33 @@ def vocabulary(module) -> list[str]:
     return list(module.hparams.genes)
 
 
+Readout = Callable[[torch.Tensor], torch.Tensor]  # (B, C, D) cell token states -> (B, D)
+
+
+def readout(module) -> Readout:
+    """The cell embedding fine-tuning trains on: the module's prediction embedding, i.e.
+    upstream's (mean of the pred_embedding classes' tokens, all classes' when empty), the
+    ``cell_emb`` that ``scprint predict`` writes. Not ``net.cell_embedding`` (mean of all
+    cell tokens): that mean includes the depth token, a function of the library size
+    alone. The bound method holds no weights: the module's net is the one being adapted."""
+    return module.cell_embedding
+
+
 def cell_embedding(
-    net: nn.Module, genes: torch.Tensor, x: torch.Tensor, depth: torch.Tensor
+    net: nn.Module, read: Readout, genes: torch.Tensor, x: torch.Tensor, depth: torch.Tensor
 ) -> torch.Tensor:
     """(B, L) gene indices, (B, L) counts, (B,) depth -> (B, D) cell embedding."""
     cell_states, _ = net.encode(genes.long(), x, depth)  # (B, C, D), (B, L, D)
-    return net.cell_embedding(cell_states)
+    return read(cell_states)
 
 
-def embedding_width(net: nn.Module) -> int:
+def embedding_width(net: nn.Module, read: Readout) -> int:
     """D of :func:`cell_embedding`, measured on one tiny fake cell (no config key needed)."""
     device = next(net.parameters()).device
     genes = torch.zeros(1, 1, dtype=torch.long, device=device)
     with torch.no_grad():
         return cell_embedding(
-            net, genes, torch.ones(1, 1, device=device), torch.ones(1, device=device)
+            net, read, genes, torch.ones(1, 1, device=device), torch.ones(1, device=device)
         ).shape[-1]
 
 

@@ -55,15 +55,24 @@ class Head(nn.Module):
 
 
 class Classifier(nn.Module):
-    """The pre-trained network plus a new head: (B, L) cells -> (B, K) label logits."""
+    """The pre-trained network plus a new head: (B, L) cells -> (B, K) label logits.
 
-    def __init__(self, net: nn.Module, n_labels: int):
+    ``readout`` picks the cell embedding from the cell token states
+    (``backbone.readout(module)``); default: the bare network's mean of all cell tokens."""
+
+    def __init__(self, net: nn.Module, n_labels: int, readout: backbone.Readout | None = None):
         super().__init__()
         self.net = net
-        self.head = Head(backbone.embedding_width(net), n_labels)
+        self.readout = readout or net.cell_embedding
+        self.head = Head(backbone.embedding_width(net, self.readout), n_labels)
+
+    @classmethod
+    def of(cls, module, n_labels: int) -> Classifier:
+        """The classifier of a loaded ScPrintModule, on its prediction embedding."""
+        return cls(module.net, n_labels, backbone.readout(module))
 
     def embed(self, genes, x, depth) -> torch.Tensor:  # (B, D)
-        return backbone.cell_embedding(self.net, genes, x, depth)
+        return backbone.cell_embedding(self.net, self.readout, genes, x, depth)
 
     def forward(self, genes, x, depth) -> torch.Tensor:  # (B, K)
         return self.head(self.embed(genes, x, depth))
@@ -119,7 +128,7 @@ def load_merged(path: str | Path, device: str = "cpu") -> tuple[Classifier, dict
     """A merged fine-tuned checkpoint -> (Classifier in eval mode, checkpoint["finetune"])."""
     info = torch.load(path, map_location="cpu", weights_only=False)["finetune"]
     module = backbone.load_backbone(path, device)
-    model = Classifier(module.net, len(info["labels"]))
+    model = Classifier.of(module, len(info["labels"]))
     model.head.load_state_dict(info["head"])
     return model.to(device).eval(), info
 
@@ -129,5 +138,5 @@ def load_adapter(base_checkpoint: str | Path, adapter_dir: str | Path, n_labels:
     from peft import PeftModel
 
     module = backbone.load_backbone(base_checkpoint, device)
-    model = Classifier(module.net, n_labels).to(device)
+    model = Classifier.of(module, n_labels).to(device)
     return PeftModel.from_pretrained(model, str(adapter_dir)).eval()

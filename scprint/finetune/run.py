@@ -274,7 +274,7 @@ def finetune(
     )  # fmt: skip
 
     torch.manual_seed(train.seed)
-    model = Classifier(module.net, len(cells.labels)).to(device)
+    model = Classifier.of(module, len(cells.labels)).to(device)
     test_y = cells.label[test_idx]
     started = time.perf_counter()
     probe = linear_probe(
