@@ -60,12 +60,14 @@ def measure(cmd: list[str], cwd: Path, env: dict) -> tuple[float, float]:
     return float(took), float(rss)
 
 
-def main() -> None:
-    args = section_parser(__doc__).parse_args()
-    n_cells, n_genes = (1_000, 20_000) if args.quick else (5_000, 20_000)
-    work = args.workdir.resolve() / "preprocess"
+def ontology_workdir(workdir: Path) -> tuple[Path, dict]:
+    """``<workdir>/preprocess`` with a laminDB instance holding the human ontologies (made
+    once, kept between runs) and the environment that finds it."""
+    work = workdir.resolve() / "preprocess"
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "LAMIN_SETTINGS_DIR": str(work / "lamin" / "settings")}
+    repo = str(Path(__file__).resolve().parent.parent)  # this checkout's scprint, not another
+    env = {**os.environ, "LAMIN_SETTINGS_DIR": str(work / "lamin" / "settings"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}  # fmt: skip
     ready = work / "results" / "ontologies.json"
     if not ready.exists():
         for stage in (
@@ -73,6 +75,13 @@ def main() -> None:
             ["ontologies", "--organism", HUMAN, "--out", str(ready)],
         ):
             subprocess.run([sys.executable, "-m", "scprint", *stage], cwd=work, env=env, check=True)
+    return work, env
+
+
+def main() -> None:
+    args = section_parser(__doc__).parse_args()
+    n_cells, n_genes = (1_000, 20_000) if args.quick else (5_000, 20_000)
+    work, env = ontology_workdir(args.workdir)
     raw = work / f"raw-{n_cells}x{n_genes}.h5ad"
     nnz = make_input(raw, n_cells, n_genes)
 

@@ -12,14 +12,13 @@ tens of minutes on 2 cores). Goals: the 1M peak <= 6 GB and <= 1.5x the 100k pea
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from bench.common import Row, section_parser, write_section
-from bench.preprocess import HUMAN, measure
+from bench.preprocess import HUMAN, measure, ontology_workdir
 
 N_GENES = 60_000
 NNZ_PER_CELL = 2_000
@@ -94,18 +93,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000", help="comma-separated cell counts")
     args = parser.parse_args()
     sizes = [2_000] if args.quick else [int(s) for s in args.sizes.split(",")]
-    work = args.workdir.resolve() / "preprocess"
-    work.mkdir(parents=True, exist_ok=True)
-    repo = str(Path(__file__).resolve().parent.parent)  # this checkout's scprint, not another
-    env = {**os.environ, "LAMIN_SETTINGS_DIR": str(work / "lamin" / "settings"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}  # fmt: skip
-    ready = work / "results" / "ontologies.json"
-    if not ready.exists():
-        for stage in (
-            ["lamin-init", "--storage", "lamin/storage", "--out", "lamin.json"],
-            ["ontologies", "--organism", HUMAN, "--out", str(ready)],
-        ):
-            subprocess.run([sys.executable, "-m", "scprint", *stage], cwd=work, env=env, check=True)
+    work, env = ontology_workdir(args.workdir)
     rows, sizes_out = [], []
     for i, n_cells in enumerate(sizes):
         raw = work / f"cxg-{n_cells}.h5ad"
