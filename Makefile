@@ -3,6 +3,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
+SEED_VENV ?= .bench-venv-seed
 export PATH := $(BIN):$(PATH)
 
 .PHONY: install demo test lint clean-demo bench bench-annbatch-venv bench-seed-venv
@@ -19,7 +20,8 @@ demo: $(VENV)/.installed
 	snakemake --profile profiles/local --configfile=config/demo.yaml all
 	snakemake --profile profiles/local --configfile=config/demo.yaml --report report.html
 
-test: $(VENV)/.installed
+# the seed venv (below) holds upstream scPRINT for tests/test_upstream_*.py
+test: $(VENV)/.installed $(SEED_VENV)/.installed
 	python -m pytest
 
 lint: $(VENV)/.installed
@@ -54,7 +56,6 @@ bench-annbatch-venv: .bench-venv-annbatch/.installed
 # `make bench-seed-venv`: the seed's model (PyPI scprint 2.3.8) in a venv of its own, which
 # `python -m bench --only model` calls as a subprocess (its package name clashes with ours).
 # Its own requirements pin torch 2.2 etc., so the stack is ours and the seed comes --no-deps.
-SEED_VENV ?= .bench-venv-seed
 bench-seed-venv: $(SEED_VENV)/.installed
 
 $(SEED_VENV)/.installed: bench/seed-requirements.txt constraints.txt
