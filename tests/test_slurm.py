@@ -195,6 +195,11 @@ def expected_resources(profile_text: str) -> dict[str, dict]:
         "demo_data",
         "gene_positions",
         "tiny_esm",
+        # the report's figures: small CPU jobs on the default resources
+        "report_datasets",
+        "report_collection",
+        "report_genes",
+        "report_training",
     }
     return {rule: {**default, **profile["set-resources"].get(rule, {})} for rule in rules}
 
