@@ -25,7 +25,9 @@ def load_backbone(path: str | Path, device: str = "cpu"):
     from scprint.model.lightning import ScPrintModule
 
     overrides = {}
-    hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    # only the hyperparameters: mmap leaves the weights on disk until the real load below
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    hparams = ckpt.get("hyper_parameters", {})
     if hparams.get("transformer") == "flash" and not str(device).startswith("cuda"):
         log.info("checkpoint uses transformer='flash', which needs CUDA: running with 'sdpa'")
         overrides["transformer"] = "sdpa"

@@ -256,7 +256,8 @@ def finetune(
     device = _device(train)
     module = backbone.load_backbone(checkpoint, device)
     genes = backbone.vocabulary(module)
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False).get("scprint") or {}
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    saved = saved.get("scprint") or {}
     trained_on = ((saved.get("config") or {}).get("data") or {}).get("organisms")
     cells = read_labeled(
         data.h5ad,
