@@ -109,15 +109,25 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def test_fit_with_the_seed_configs_on_a_tiny_collection(workdir):
-    """The seed's command shape: base + size yaml, overrides, W&B offline by default."""
-    run_cli(
+def test_fit_with_the_seed_configs_on_a_tiny_collection(workdir, tmp_path):
+    """The seed's command shape: base + size yaml, overrides, W&B offline by default. The
+    pre-training docs' SWA callback (swa_lrs 0.03) is kept but warned about: it would raise
+    the lr 300x at swa_epoch_start."""
+    docs_swa = tmp_path / "swa.yml"
+    docs_swa.write_text(
+        "trainer:\n  callbacks+:\n"
+        "    - class_path: lightning.pytorch.callbacks.StochasticWeightAveraging\n"
+        "      init_args:\n        swa_lrs: 0.03\n"
+    )
+    proc = run_cli(
         [
             "fit",
             "--config",
             REPO / "config/base.yml",
             "--config",
             REPO / "config/pretrain_small.yml",
+            "--config",
+            docs_swa,
             "--trainer.max_steps",
             "5",
             "--model.nhead",
@@ -148,7 +158,9 @@ def test_fit_with_the_seed_configs_on_a_tiny_collection(workdir):
     runs = list((workdir / "logs/wandb/wandb").glob("offline-run-*"))
     assert runs, "W&B should have logged offline"
     assert "TrainingMode" in ckpt["callbacks"]
-    assert "StochasticWeightAveraging" in ckpt["callbacks"]
+    assert "StochasticWeightAveraging" in ckpt["callbacks"]  # the docs' callback acts
+    assert "StochasticWeightAveraging(swa_lrs=0.03)" in proc.stderr
+    assert "(300x scprint_training.lr=0.0001)" in proc.stderr
 
 
 TRAIN_RUN_ARGS = [

@@ -27,7 +27,7 @@ import sys
 import warnings
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
@@ -165,10 +165,31 @@ class ScprintCLI(LightningCLI):
 
         self.model.init_from_report = init_from_checkpoint(self.model, cfg.init_from)
 
+    def _check_swa(self) -> None:
+        """Lightning's StochasticWeightAveraging replaces our step-wise schedule at
+        swa_epoch_start with SWALR annealing towards swa_lrs: above the lr, training that
+        was converging is pushed up (upstream's docs: 0.03, 300x their lr)."""
+        lr = self._cfg.scprint_training.lr
+        for callback in self.trainer.callbacks:
+            if not isinstance(callback, StochasticWeightAveraging):
+                continue
+            swa_lrs = callback._swa_lrs
+            highest = max(swa_lrs) if isinstance(swa_lrs, (list, tuple)) else swa_lrs
+            if highest is not None and highest > lr:
+                log.warning(
+                    "StochasticWeightAveraging(swa_lrs=%s): from swa_epoch_start=%s on, Lightning "
+                    "replaces the warmup + %s schedule with SWALR, which raises the lr to %s "
+                    "(%.0fx scprint_training.lr=%s); set swa_lrs at or below the lr, or drop "
+                    "the callback",
+                    swa_lrs, callback._swa_epoch_start, self._cfg.scprint_training.scheduler,
+                    highest, highest / lr, lr,
+                )  # fmt: skip
+
     def before_fit(self) -> None:
         self._record_config()
         self._init_from()
         self._watch()
+        self._check_swa()
 
     def before_validate(self) -> None:
         self._record_config()
