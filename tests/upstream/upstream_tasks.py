@@ -48,9 +48,11 @@ def main(ckpt: Path, h5ad: Path, out: Path) -> None:
     adata = sc.read_h5ad(h5ad)
     common = dict(batch_size=32, num_workers=0, dtype=torch.float32)
 
+    fed = record_inputs(model)  # what the Embedder feeds the model, for the test to rerun
     embedded, metrics = Embedder(
         how="random expr", max_len=64, pred_embedding=[CELL_TYPE], doplot=False, **common
     )(model, adata.copy())
+    del model._predict  # back to the class's method for the other tasks
 
     _, _, denoised = Denoiser(max_len=64, how="random expr", predict_depth_mult=4, **common)(
         model, adata.copy()
@@ -65,6 +67,7 @@ def main(ckpt: Path, h5ad: Path, out: Path) -> None:
 
     np.savez(
         out / "tasks.npz",
+        **{f"fed_{k}": torch.cat(v).numpy() for k, v in fed.items()},
         embeddings=embedded.obsm["scprint_emb"],
         denoised=mu.toarray() if sp.issparse(mu) else np.asarray(mu),
         grn=adjacency.toarray() if sp.issparse(adjacency) else np.asarray(adjacency),
@@ -84,6 +87,20 @@ def main(ckpt: Path, h5ad: Path, out: Path) -> None:
             }
         )
     )
+
+
+def record_inputs(model) -> dict[str, list]:
+    """Wrap the model's _predict (which every task calls per batch) to keep its inputs."""
+    fed = {"genes": [], "x": [], "depth": []}
+    predict = model._predict
+
+    def recording(gene_pos, expression, depth, *args, **kwargs):
+        for key, value in zip(fed, (gene_pos, expression, depth), strict=True):
+            fed[key].append(value.detach().cpu())
+        return predict(gene_pos, expression, depth, *args, **kwargs)
+
+    model._predict = recording
+    return fed
 
 
 if __name__ == "__main__":
