@@ -31,6 +31,13 @@ HELPER = REPO / "tests" / "upstream" / "upstream_tasks.py"
 BLOOD = DATASETS[0]  # demo-human-blood: 5 cell types with marker genes
 CELL_TYPE = "cell_type_ontology_term_id"
 T_CELL, T_CELL_LEAVES = "CL:0000084", ("CL:0000624", "CL:0000625")  # CD4, CD8
+CL_NAMES = {
+    "CL:0000236": "B cell",
+    "CL:0000576": "monocyte",
+    "CL:0000623": "natural killer cell",
+    "CL:0000624": "CD4-positive, alpha-beta T cell",
+    "CL:0000625": "CD8-positive, alpha-beta T cell",
+}
 N_CELLS, N_GENES, D_MODEL = 100, 300, 32
 TOL = 1e-4
 
@@ -138,6 +145,9 @@ def test_embedder_gives_our_cell_embeddings_and_named_cell_types(tasks):
     preds = names["pred_cell_type"]
     assert len(preds) == N_CELLS and set(preds) <= set(tasks["leaves"])
     assert T_CELL in names["label_vocabulary"]
+    # and upstream translates them to cell-type names from the pipeline's laminDB
+    readable = dict(zip(preds, names["pred_cell_type_name"], strict=True))
+    assert readable == {p: CL_NAMES[p] for p in readable}
     # ... the same cells as our network embeds and names them: upstream ran our weights
     ours_emb, ours_names = our_prediction(tasks)
     assert np.abs(emb - ours_emb).max() <= TOL

@@ -39,6 +39,7 @@ def main(ckpt: Path, h5ad: Path, out: Path) -> None:
     import torch
 
     shim_torchvision()
+    from scdataloader.utils import translate
     from scprint import scPrint
     from scprint.tasks import Denoiser, Embedder, GNInfer
 
@@ -65,6 +66,7 @@ def main(ckpt: Path, h5ad: Path, out: Path) -> None:
     )(model, adata.copy())  # fmt: skip
     adjacency = grn.varp["GRN"]
 
+    preds = embedded.obs[f"pred_{CELL_TYPE}"].astype(str).tolist()
     np.savez(
         out / "tasks.npz",
         **{f"fed_{k}": torch.cat(v).numpy() for k, v in fed.items()},
@@ -76,7 +78,11 @@ def main(ckpt: Path, h5ad: Path, out: Path) -> None:
         json.dumps(
             {
                 "cells": adata.obs_names.tolist(),
-                "pred_cell_type": embedded.obs[f"pred_{CELL_TYPE}"].astype(str).tolist(),
+                "pred_cell_type": preds,
+                # upstream's ontology id -> name look-up in bionty (the pipeline's laminDB);
+                # its own conv_pred_* column applies it with Series.replace(list), a no-op
+                # under pandas 2, so it is called here
+                "pred_cell_type_name": translate(preds, CELL_TYPE),
                 "true_cell_type": embedded.obs[CELL_TYPE].astype(str).tolist(),
                 "label_vocabulary": [str(v) for v in model.label_decoders[CELL_TYPE].values()],
                 "embedder_metrics": {k: float(v) for k, v in metrics.items()},
