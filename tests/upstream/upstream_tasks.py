@@ -40,8 +40,9 @@ def main(ckpt: Path, h5ad: Path, out: Path) -> None:
 
     shim_torchvision()
     from scdataloader.utils import translate
-    from scprint import scPrint
     from scprint.tasks import Denoiser, Embedder, GNInfer
+
+    from scprint import scPrint
 
     torch.manual_seed(0)
     np.random.seed(0)  # upstream's Collator samples genes with np.random
