@@ -46,6 +46,35 @@ def cli_env(workdir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def seed_python() -> Path:
+    """Python of the upstream scPRINT 2.3.8 venv (`make bench-seed-venv`) that
+    tests/test_upstream_*.py drive. Without it they skip with the reason; with
+    SCPRINT_REQUIRE_UPSTREAM=1 (CI, set by .ci/run) they fail instead."""
+    import pytest
+
+    venv = Path(os.environ.get("SCPRINT_SEED_VENV", REPO / ".bench-venv-seed"))
+    python = venv / "bin" / "python"
+    if not (venv / ".installed").exists() or not python.exists():
+        message = f"upstream scPRINT venv {venv} is missing: build it with `make bench-seed-venv`"
+        if os.environ.get("SCPRINT_REQUIRE_UPSTREAM") == "1":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return python
+
+
+def run_upstream(script: Path, *args, cwd=None, env=None, timeout=900) -> None:
+    """Run one of tests/upstream/*.py in the upstream venv; a failure shows its stderr."""
+    # -I: our package (same import name) must not shadow upstream's
+    proc = subprocess.run(
+        [str(seed_python()), "-I", str(script), *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, (
+        f"upstream {script.name} {' '.join(map(str, args))} exited {proc.returncode}:\n"
+        f"{proc.stderr[-6000:]}"
+    )
+
+
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout=900):
     """Run `scprint <args>` in ``cwd``; on failure the assertion shows its output."""
     proc = subprocess.run(

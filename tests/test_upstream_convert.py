@@ -14,13 +14,12 @@ set by .ci/run) they fail instead. ~1.5 min on 2 cores (two upstream processes).
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_upstream
 
 from scprint.cli import main as scprint_main
 from scprint.model.lightning import ScPrintModule
@@ -41,23 +40,8 @@ OURS_TO_UPSTREAM = {
 }
 
 
-def seed_python() -> Path:
-    venv = Path(os.environ.get("SCPRINT_SEED_VENV", REPO / ".bench-venv-seed"))
-    python = venv / "bin" / "python"
-    if not (venv / ".installed").exists() or not python.exists():
-        message = f"upstream scPRINT venv {venv} is missing: build it with `make bench-seed-venv`"
-        if os.environ.get("SCPRINT_REQUIRE_UPSTREAM") == "1":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return python
-
-
 def upstream(*args: str) -> None:
-    # -I: our package (same import name) must not shadow upstream's
-    proc = subprocess.run(
-        [str(seed_python()), "-I", str(HELPER), *args], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, f"upstream helper {args[0]} failed:\n{proc.stderr[-3000:]}"
+    run_upstream(HELPER, *args)
 
 
 def build(tmp_path_factory, variant: str) -> Path:
