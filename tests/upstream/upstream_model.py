@@ -21,7 +21,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "tests" / "netguard"))
 
+import sitecustomize  # noqa: E402,F401  (the network guard, when SCPRINT_NETGUARD is set)
 from seed_step import shim_torchvision  # noqa: E402
 
 N_GENES, B, L = 60, 4, 24
