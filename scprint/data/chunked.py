@@ -224,7 +224,8 @@ def qc_var_totals(X, flags: pd.DataFrame, total: pd.Series) -> pd.DataFrame:
         )
         columns[f"total_counts_{name}"] = values = np.ravel(part.sum(axis=1))
         columns[f"log1p_total_counts_{name}"] = np.log1p(values)
-        columns[f"pct_counts_{name}"] = values / total.to_numpy() * 100
+        with np.errstate(divide="ignore", invalid="ignore"):  # NaN for empty cells, as scanpy
+            columns[f"pct_counts_{name}"] = values / total.to_numpy() * 100
     return pd.DataFrame(columns)
 
 
