@@ -167,7 +167,7 @@ def transform(counts, genemap: GeneMap, min_nnz_genes: int, dtype) -> Chunk:
     genes, QC genes); sorting each cell's genes is the one per-row step left."""
     import anndata as ad
     import scipy.sparse as sp
-    from scanpy.preprocessing._qc import describe_obs
+    from scanpy.preprocessing._qc import describe_obs  # calculate_qc_metrics' obs half (pinned)
 
     counts = counts if sp.isspmatrix_csr(counts) else sp.csr_matrix(counts)
     lengths = np.diff(counts.indptr)
