@@ -6,19 +6,24 @@ smallest size (``--whole-file``: the same CLI, checks and write, the Preprocesso
 Sizes: 100,000 cells, and 1,000,000 with ``--sizes 100000,1000000`` (a ~32 GB input and
 tens of minutes on 2 cores). Goals: the 1M peak <= 6 GB and <= 1.5x the 100k peak; cells/s
 >= the Preprocessor's on 100k. Rows also go to the section's ``sizes`` list as
-{"n_cells", "peak_rss_mb", "cells_per_s"}.
+{"n_cells", "peak_rss_mb", "cells_per_s"}, written after each run (a later size that fails
+keeps the earlier ones). ``--time-limit`` stops a run that takes longer and records it as a
+partial row ("partial": true, cells/s from the cells done, the peak RSS until then).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 from bench.common import Row, section_parser, write_section
-from bench.preprocess import HUMAN, measure, ontology_workdir
+from bench.preprocess import HUMAN, ontology_workdir
 
 N_GENES = 60_000
 NNZ_PER_CELL = 2_000
@@ -88,9 +93,42 @@ def make_input(path: Path, n_cells: int, seed: int = 0) -> None:
     os.replace(tmp, path)
 
 
+def measure(cmd: list[str], cwd: Path, env: dict, limit: float | None):
+    """Run ``cmd``: (seconds, its own peak RSS in MB, cells done, finished). The peak comes
+    from wait4 on that one process (the bench's other runs don't count), also when it is
+    stopped at ``limit``; cells done from its last progress line."""
+    log = cwd / "scale-run.log"
+    with open(log, "w") as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        stopped = False
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if limit and time.perf_counter() - started > limit:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                stopped = True
+                break
+            time.sleep(0.5)
+    took = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    finished = proc.returncode == 0
+    text = log.read_text()
+    if not finished and not stopped:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{text[-3000:]}")
+    done = re.findall(r"\(([\d,]+)/[\d,]+ cells", text)
+    cells = None if finished else int(done[-1].replace(",", "")) if done else 0
+    return took, usage.ru_maxrss / 1024, cells, finished
+
+
 def main() -> None:
     parser = section_parser(__doc__)
     parser.add_argument("--sizes", default="100000", help="comma-separated cell counts")
+    parser.add_argument(
+        "--time-limit", type=float, default=None, help="seconds a run may take (then: partial)"
+    )
     args = parser.parse_args()
     sizes = [2_000] if args.quick else [int(s) for s in args.sizes.split(",")]
     work, env = ontology_workdir(args.workdir)
@@ -104,20 +142,25 @@ def main() -> None:
         for impl, extra in impls:
             cmd = [sys.executable, "-m", "scprint", "preprocess", "--dataset", "bench",
                    "--input", str(raw), "--out", "out.h5ad", "--report", "out.json", *extra]  # fmt: skip
-            took, rss = measure(cmd, work, env)
+            took, rss, done, finished = measure(cmd, work, env, args.time_limit)
             (work / "out.h5ad").unlink(missing_ok=True)
+            for tmp in work.glob(".out.h5ad*"):  # a stopped run's temporary
+                tmp.unlink()
+            rate = (n_cells if finished else done) / took
+            note = "" if finished else f"partial: stopped after {took:.0f} s, {done:,} cells done"
             figure = f"preprocess {n_cells:,} cells x {N_GENES:,} genes"
             base = bool(extra)
             rows += [
-                Row(figure, impl, n_cells / took, "cells/s", baseline=base),
-                Row(figure, impl, rss, "MB peak", baseline=base, higher_is_better=False),
+                Row(figure, impl, rate, "cells/s", baseline=base, note=note),
+                Row(figure, impl, rss, "MB peak", baseline=base, higher_is_better=False, note=note),
             ]
-            sizes_out.append(
-                {"impl": impl, "n_cells": n_cells, "peak_rss_mb": round(rss, 1),
-                 "cells_per_s": round(n_cells / took, 1)}
-            )  # fmt: skip
-            print(sizes_out[-1], flush=True)
-    write_section(args.json, "preprocess-scale", rows, sizes=sizes_out, n_genes=N_GENES)
+            size = {"impl": impl, "n_cells": n_cells, "peak_rss_mb": round(rss, 1),
+                    "cells_per_s": round(rate, 1)}  # fmt: skip
+            if not finished:
+                size.update(partial=True, cells_done=done, seconds=round(took))
+            sizes_out.append(size)
+            print(size, flush=True)
+            write_section(args.json, "preprocess-scale", rows, sizes=sizes_out, n_genes=N_GENES)
 
 
 if __name__ == "__main__":

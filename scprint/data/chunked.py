@@ -134,7 +134,7 @@ def map_genes(var: pd.DataFrame, genes: pd.DataFrame, is_symbol: bool) -> GeneMa
     ).var
     out_var[genes.columns] = genes.loc[out_var.index]
     out_var = out_var.loc[out_var.index.sort_values()]
-    columns = np.full(len(var), -1, dtype=np.int64)
+    columns = np.full(len(var), -1, dtype=np.int32)
     columns[source] = out_var.index.get_indexer(new_var.index)
     flags = out_var[QC_VARS].astype(bool)
     targets = columns[columns >= 0]
@@ -152,42 +152,81 @@ class Chunk:
     gene_totals: np.ndarray  # per output gene: sum of counts (float64)
 
 
-def transform(counts, genemap: GeneMap, min_nnz_genes: int, dtype) -> Chunk:
-    """Filter cells, move their counts onto the output genes, compute their QC metrics."""
-    import anndata as ad
-    import scanpy as sc
-    import scipy.sparse as sp
+def per_row(mask: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """How many True entries of ``mask`` (one per stored value) each row holds. Looks only at
+    the True ones: called on what is rare (explicit zeros, unmapped genes), it costs little."""
+    where = np.flatnonzero(mask)
+    rows = np.searchsorted(indptr, where, side="right") - 1
+    return np.bincount(rows, minlength=len(indptr) - 1)
 
-    counts = sp.csr_matrix(counts)
-    nnz = np.asarray((counts != 0).sum(axis=1)).ravel()
-    n_genes = np.asarray((counts > 0).sum(axis=1)).ravel()
+
+def transform(counts, genemap: GeneMap, min_nnz_genes: int, dtype) -> Chunk:
+    """Filter cells, move their counts onto the output genes, compute their QC metrics.
+
+    Whole-array numpy steps that look at the rare entries only (explicit zeros, unmapped
+    genes, QC genes); sorting each cell's genes is the one per-row step left."""
+    import anndata as ad
+    import scipy.sparse as sp
+    from scanpy.preprocessing._qc import describe_obs  # calculate_qc_metrics' obs half (pinned)
+
+    counts = counts if sp.isspmatrix_csr(counts) else sp.csr_matrix(counts)
+    lengths = np.diff(counts.indptr)
+    stored_zero = counts.data == 0
+    nnz = lengths - per_row(stored_zero, counts.indptr)  # (counts != 0) per cell
+    n_genes = lengths - per_row(~(counts.data > 0), counts.indptr)  # (counts > 0) per cell
     keep = n_genes >= min_nnz_genes if min_nnz_genes else np.ones(len(nnz), bool)
-    kept = counts[keep]
+    kept = counts if keep.all() else counts[keep]
     target = genemap.columns[kept.indices]
-    mapped = target >= 0
-    # each kept non-zero moves to its output column; row boundaries follow from the count
-    # kept before each (no COO round trip: at 2,000 non-zeros a cell it was half the time)
-    before = np.concatenate([[0], np.cumsum(mapped)])
-    X = sp.csr_matrix(
-        (kept.data[mapped].astype(dtype), target[mapped], before[kept.indptr]),
-        shape=(kept.shape[0], len(genemap.var)),
-    )
+    unmapped = target < 0
+    data, indptr = kept.data.astype(dtype, copy=False), kept.indptr
+    if unmapped.any():
+        # drop the unmapped non-zeros; each row loses as many as it held
+        lost = np.concatenate([[0], np.cumsum(per_row(unmapped, indptr))])
+        data, target, indptr = data[~unmapped], target[~unmapped], indptr - lost
+    X = sp.csr_matrix((data, target, indptr), shape=(kept.shape[0], len(genemap.var)))
     if not (genemap.monotonic and kept.has_sorted_indices):
-        X.sort_indices()
-    X.eliminate_zeros()  # scanpy's QC does it in place on the Preprocessor's X
+        X.sort_indices()  # in place; as fast here as two counting sorts (tocsc().tocsr())
+    if stored_zero.any():
+        X.eliminate_zeros()  # scanpy's QC does it in place on the Preprocessor's X
     obs = pd.DataFrame({"nnz": nnz[keep], "n_genes": n_genes[keep]})
     view = ad.AnnData(X, var=genemap.flags)
-    cell_qc, gene_qc = sc.pp.calculate_qc_metrics(
-        view, qc_vars=QC_VARS, percent_top=[20], inplace=False
+    cell_qc = describe_obs(view, qc_vars=(), percent_top=[20], x=X).reset_index(drop=True)
+    obs = pd.concat(
+        [obs, cell_qc, qc_var_totals(X, genemap.flags, cell_qc["total_counts"])], axis=1
     )
-    obs = pd.concat([obs, cell_qc.reset_index(drop=True)], axis=1)
+    genes = X.indices.astype(np.int64)  # bincount casts to int64 anyway, slowly
     return Chunk(
         X,
         obs,
         n_genes,
-        gene_qc["n_cells_by_counts"].to_numpy(np.int64),
-        np.asarray(X.sum(axis=0, dtype=np.float64)).ravel(),
+        np.bincount(genes, minlength=X.shape[1]),  # cells expressing each gene
+        np.bincount(genes, weights=X.data, minlength=X.shape[1]),  # counts of each gene
     )
+
+
+def qc_var_totals(X, flags: pd.DataFrame, total: pd.Series) -> pd.DataFrame:
+    """scanpy's per-cell columns for each QC gene set (total, log1p, percent), summing the
+    same values in the same order as its ``X[:, genes].sum(axis=1)``, but gathering the few
+    flagged non-zeros once instead of slicing the chunk by columns three times."""
+    import scipy.sparse as sp
+
+    bits = (flags.to_numpy() * (1 << np.arange(flags.shape[1]))).sum(axis=1).astype(np.uint8)
+    codes = bits[X.indices]
+    flagged = np.flatnonzero(codes)
+    rows = np.searchsorted(X.indptr, flagged, side="right") - 1
+    columns = {}
+    for bit, name in enumerate(flags.columns):
+        hit = (codes[flagged] >> bit) & 1 == 1
+        per_cell = np.bincount(rows[hit], minlength=X.shape[0])
+        part = sp.csr_matrix(
+            (X.data[flagged[hit]], np.zeros(hit.sum(), np.int32), np.r_[0, np.cumsum(per_cell)]),
+            shape=(X.shape[0], 1),
+        )
+        columns[f"total_counts_{name}"] = values = np.ravel(part.sum(axis=1))
+        columns[f"log1p_total_counts_{name}"] = np.log1p(values)
+        with np.errstate(divide="ignore", invalid="ignore"):  # NaN for empty cells, as scanpy
+            columns[f"pct_counts_{name}"] = values / total.to_numpy() * 100
+    return pd.DataFrame(columns)
 
 
 # -- writer -----------------------------------------------------------------------------
