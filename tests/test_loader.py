@@ -105,3 +105,70 @@ def test_every_data_key_changes_behaviour(probe):
     assert {"train_labels.npy", "valid_idx.npy", "klass_indices.pt"} <= set(k["store_files"])
     assert k["store_same_split"] and not k["nostore_same_split"]
     # clss_to_weight, weight_scaler: also test_weighted_sampling_oversamples_rare_cell_types
+
+
+def write_interleaved_csr(path: Path, rng) -> tuple:
+    """An h5ad-shaped CSR X whose data and indices are chunked and written alternately,
+    so each is many runs of chunks with the other's chunks between them (a cell can
+    cross from one run into the next)."""
+    import h5py
+    import numpy as np
+
+    lengths = rng.integers(0, 40, size=50)
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    data = rng.random(indptr[-1], dtype=np.float32)
+    indices = rng.integers(0, 300, size=indptr[-1]).astype(np.int32)
+    with h5py.File(path, "w", rdcc_nbytes=0) as f:  # no chunk cache: written in turn
+        X = f.create_group("X")
+        X.attrs.update({"encoding-type": "csr_matrix", "shape": (50, 300)})
+        X["indptr"] = indptr
+        ds = [X.create_dataset(k, (0,), a.dtype, chunks=(16,), maxshape=(None,)) for k, a in
+              (("data", data), ("indices", indices))]  # fmt: skip
+        for start in range(0, len(data), 16):  # one chunk of each, in turn
+            for d, a in zip(ds, (data, indices), strict=True):
+                d.resize((min(start + 16, len(a)),))
+                d[start:] = a[start : start + 16]
+        f.create_group("var").attrs["_index"] = "_index"
+        f["var/_index"] = np.array([f"g{i}" for i in range(300)], dtype="S")
+    return indptr, data, indices
+
+
+def test_byte_ranges_are_the_bytes_read_rows_reads(tmp_path):
+    """The cold-cache read-ahead asks for each row's pages: the byte ranges CellFile
+    computes are where the rows' values lie (checked with os.pread), runs crossed included,
+    and the merged page spans cover them."""
+    import os
+
+    import numpy as np
+
+    from scprint.trainer.batches import PAGE, CellFile, page_spans
+
+    path = tmp_path / "x.h5ad"
+    indptr, data, indices = write_interleaved_csr(path, np.random.default_rng(0))
+    cell_file = CellFile(str(path))
+    assert cell_file.mapped and len(cell_file.data_extents.starts) > 10  # many runs
+    rows = np.arange(50)
+    got_data, got_idx = cell_file.read_rows(rows)
+    for r in rows:
+        assert np.array_equal(got_data[r], data[indptr[r] : indptr[r + 1]])
+        assert np.array_equal(got_idx[r], indices[indptr[r] : indptr[r + 1]])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for (offsets, lengths), values in zip(
+            cell_file.byte_ranges(rows), (data, indices), strict=True
+        ):
+            cut = 0
+            for r, off, n in zip(rows, offsets.tolist(), lengths.tolist(), strict=True):
+                count = n // values.itemsize
+                first = values[indptr[r] : indptr[r] + count]
+                assert os.pread(fd, n, off) == first.tobytes()
+                cut += count < indptr[r + 1] - indptr[r]
+            assert cut > 0  # some rows cross into the next run
+            lo, hi = page_spans(offsets, lengths)
+            assert (lo % PAGE == 0).all() and (hi % PAGE == 0).all()
+            assert (lo[1:] > hi[:-1]).all()  # disjoint, not adjacent, in file order
+            inside = (lo[:, None] <= offsets) & (offsets + lengths <= hi[:, None])
+            assert inside[:, lengths > 0].any(axis=0).all()
+    finally:
+        os.close(fd)
+    cell_file.will_need(rows[::3])  # the madvise calls accept every span
