@@ -13,8 +13,12 @@ Here a batch of cell indices (from the same weighted sampler) is served in one c
 (``Dataset.__getitems__``): the cells are grouped by file and read in row order from a
 memory map of the file (anndata writes X uncompressed, contiguous or in chunks that lie
 one after the other; we locate them once), gene selection works on the non-zeros only,
-and the batch dict is assembled with a few vectorised numpy operations. The result is
-what scdataloader's Collator returns for the same cells:
+and the batch dict is assembled with a few vectorised numpy operations. For a collection
+larger than RAM (cold pages), the batch's exact pages in every file are requested from
+disk at once before the first is read (madvise WILLNEED), and the maps do no read-around
+on a fault (MADV_RANDOM): the device's read-ahead (8 MB here) would read ~1,000x the few
+KB a cell needs (bench/loader.py's cold rows). The result is what scdataloader's Collator
+returns for the same cells:
 
 - ``x`` (B, max_len) float32 counts, ``genes`` (B, max_len) int32 indices into the
   model's gene vocabulary (``ScprintDataModule.genes``: the gene table, restricted to
