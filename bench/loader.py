@@ -27,9 +27,9 @@ also evicted just before it is read, as at 50M cells, where RAM holds a sliver o
 collection and almost every read goes to disk (a 1.5 GB collection is otherwise soon all
 cached, by the device's read-ahead alone). Ours at COLD_WORKERS, the floor (and the floor
 with each batch's ranges hinted first, as ours does), annbatch (its store evicted in its
-process before each timed pass); the variants run interleaved, COLD_REPEATS times, rows
-are medians with their ratio to the floor. Goal: ours >= 70% of the floor.
-``--cold-only`` runs only these rows (`bench/results/loader-cold.json`).
+process before each timed pass); rows have their ratio to the floor. Goal: ours >= 70% of
+the floor. ``--cold-only`` runs only these rows, interleaved COLD_REPEATS times, rows
+medians (`bench/results/loader-cold.json`; in the whole section: once).
 
 Rows are cells/s after a warm-up (worker start, the compiled kernel's first call, the
 sampler's first epoch draw), so the figure is the steady state a training run sees.
@@ -177,8 +177,8 @@ def measure_in_process(
     loader = dm.train_dataloader() if impl == "scprint" else dm.scdataloader_train_dataloader()
     setup_s = time.perf_counter() - started
     dataset = loader.dataset
-    drawn, read = [], dataset.__getitems__
-    evict_batch = BatchEvictor(dataset) if cold == "batch" else None
+    drawn, evict_batch = [], BatchEvictor(dataset) if cold == "batch" else None
+    read = dataset.__getitems__ if record or evict_batch else None  # ours only
 
     def wrapped(indices):  # the floor replays the recorded reads
         if record:
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             note += " at the end; + largest worker" if workers else " at the end"
             rows.append(Row(f"loader peak RSS, {workers} workers", label, rss, "MB",
                             baseline=base, higher_is_better=False, note=note))  # fmt: skip
-    rows += cold_rows(root, info, batches, details, 1 if args.quick else COLD_REPEATS)
+    rows += cold_rows(root, info, batches, details, 1)  # --cold-only: COLD_REPEATS
     orders = {
         "random": ("per-cell random order", "loader, 0 workers"),
         "memory": ("per-cell random order, in-memory mode", "loader, 0 workers"),

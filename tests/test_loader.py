@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import cli_env
 from test_fit import build_tiny_collection, write_gene_files
@@ -112,7 +113,6 @@ def write_interleaved_csr(path: Path, rng) -> tuple:
     so each is many runs of chunks with the other's chunks between them (a cell can
     cross from one run into the next)."""
     import h5py
-    import numpy as np
 
     lengths = rng.integers(0, 40, size=50)
     indptr = np.concatenate([[0], np.cumsum(lengths)])
@@ -138,8 +138,6 @@ def test_byte_ranges_are_the_bytes_read_rows_reads(tmp_path):
     computes are where the rows' values lie (checked with os.pread), runs crossed included,
     and the merged page spans cover them."""
     import os
-
-    import numpy as np
 
     from scprint.trainer.batches import PAGE, CellFile, page_spans
 
@@ -172,3 +170,76 @@ def test_byte_ranges_are_the_bytes_read_rows_reads(tmp_path):
     finally:
         os.close(fd)
     cell_file.will_need(rows[::3])  # the madvise calls accept every span
+
+
+def resident_pages(path: Path) -> np.ndarray:
+    """Which pages of the file are in the page cache (mincore on a private map of it)."""
+    import ctypes
+    import mmap
+
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        n = (len(mm) + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * n)()
+        buf = ctypes.c_char.from_buffer(mm)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        assert libc.mincore(ctypes.addressof(buf), len(mm), vec) == 0, ctypes.get_errno()
+        del buf
+        return np.frombuffer(vec, dtype=np.uint8) & 1
+    finally:
+        mm.close()
+
+
+def test_cold_reads_fetch_only_the_pages_a_batch_needs(tmp_path):
+    """On a cold page cache, reading a row brings in its own pages, not the device's
+    read-ahead window around them (MADV_RANDOM), and will_need() brings in exactly the
+    rows' pages (a 32 MB file: larger than any usual read-ahead window)."""
+    import os
+
+    import h5py
+
+    from scprint.trainer.batches import PAGE, CellFile, page_spans
+
+    path = tmp_path / "big.h5ad"
+    nnz = 2000
+    indptr = np.arange(0, 2001 * nnz, nnz)
+    with h5py.File(path, "w") as f:
+        X = f.create_group("X")
+        X.attrs.update({"encoding-type": "csr_matrix", "shape": (2000, 20_000)})
+        X["indptr"] = indptr
+        X["data"] = np.ones(indptr[-1], dtype=np.float32)
+        X["indices"] = np.tile(np.arange(0, 20_000, 10, dtype=np.int32), 2000)
+        f.create_group("var").attrs["_index"] = "_index"
+        f["var/_index"] = np.array([f"g{i}" for i in range(20_000)], dtype="S")
+    cell_file = CellFile(str(path))
+
+    def evict() -> np.ndarray:
+        """The pages still cached after the eviction (a few stay here, the file's own)."""
+        fd = os.open(path, os.O_RDONLY)
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        left = resident_pages(path)
+        if left.sum() > 16:
+            pytest.skip(f"this filesystem keeps the file's pages cached ({left.sum()} pages)")
+        return left
+
+    def wanted(rows):
+        pages = np.zeros(len(resident_pages(path)), dtype=np.uint8)
+        for offsets, lengths in cell_file.byte_ranges(rows):
+            for lo, hi in zip(*page_spans(offsets, lengths), strict=True):
+                pages[lo // PAGE : hi // PAGE] = 1
+        return pages
+
+    left = evict()
+    data, idx = cell_file.read_rows(np.array([1000]))
+    assert data[0].sum() == nnz and idx[0][-1] == 19_990  # touches every page of the row
+    read = resident_pages(path) & ~left
+    assert 0 < read.sum() <= wanted(np.array([1000])).sum() + 2
+
+    left = evict()
+    rows = np.array([3, 700, 701, 1500])
+    cell_file.will_need(rows)
+    assert np.array_equal(resident_pages(path) & ~left, wanted(rows) & ~left)
