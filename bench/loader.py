@@ -126,10 +126,27 @@ def evict(paths) -> int:
     return total
 
 
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def page_spans(offsets: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first byte, stop byte) of the pages holding the byte ranges, overlapping or
+    adjacent pages merged, in file order: the fewest calls for those bytes."""
+    keep = lengths > 0
+    lo = offsets[keep] // PAGE
+    hi = (offsets[keep] + lengths[keep] - 1) // PAGE + 1
+    if not len(lo):
+        return lo, hi
+    order = np.argsort(lo, kind="stable")
+    lo, hi = lo[order], np.maximum.accumulate(hi[order])
+    new = np.ones(len(lo), dtype=bool)
+    new[1:] = lo[1:] > hi[:-1]
+    last = np.append(np.flatnonzero(new)[1:] - 1, len(lo) - 1)
+    return lo[new] * PAGE, hi[last] * PAGE
+
+
 def advise(fd: int, ranges, advice: int) -> None:
     """posix_fadvise ``advice`` on the pages of [(offsets, lengths), ...] of one file."""
-    from scprint.trainer.batches import page_spans
-
     for offsets, lengths in ranges:
         for lo, hi in zip(*page_spans(offsets, lengths), strict=True):
             os.posix_fadvise(fd, int(lo), int(hi - lo), advice)
@@ -371,7 +388,10 @@ def cold_rows(root: Path, info: dict, batches: dict, details: dict, repeats: int
 
     def note(key, field="cells_per_s"):
         runs.setdefault(key, [])
-        return lambda r: (runs[key].append(r), print(f"    {key}: {r[field]:,.0f} cells/s", flush=True))
+        return lambda r: (
+            runs[key].append(r),
+            print(f"    {key}: {r[field]:,.0f} cells/s", flush=True),
+        )
 
     for rep in range(repeats):
         print(f"  cold, repeat {rep + 1}/{repeats}: load average {os.getloadavg()[0]:.1f}")
