@@ -18,11 +18,18 @@ four hierarchical). Each variant runs in a fresh process (its own peak RSS):
   in-memory mode (CSR matrices in RAM), and its default chunked order (only approximately
   random; not comparable, reported for scale).
 
-Cold data (at 50M cells the collection is far larger than RAM): the collection's pages are
-evicted from the page cache (os.posix_fadvise POSIX_FADV_DONTNEED, no root needed) before
-each cold variant: ours at 0 and 2 workers, annbatch (its store evicted before its process
-starts), next to a floor: the byte ranges ours read at 0 workers (each cell's data and
-indices), read with os.pread in the same order, cold too. Goal: ours >= 70% of the floor.
+Cold data (at 50M cells the collection is far larger than RAM): two figures, each next to
+a floor: the byte ranges ours read at 0 workers (each cell's data and indices,
+CellFile.byte_ranges), read with os.pread in the same order. "cold start": the
+collection's pages are evicted from the page cache (os.posix_fadvise POSIX_FADV_DONTNEED,
+no root needed) once, before the warm-up; "every batch cold": each batch's own pages are
+also evicted just before it is read, as at 50M cells, where RAM holds a sliver of the
+collection and almost every read goes to disk (a 1.5 GB collection is otherwise soon all
+cached, by the device's read-ahead alone). Ours at COLD_WORKERS, the floor (and the floor
+with each batch's ranges hinted first, as ours does), annbatch (its store evicted in its
+process before each timed pass); rows have their ratio to the floor. Goal: ours >= 70% of
+the floor. ``--cold-only`` runs only these rows, interleaved COLD_REPEATS times, rows
+medians (`bench/results/loader-cold.json`; in the whole section: once).
 
 Rows are cells/s after a warm-up (worker start, the compiled kernel's first call, the
 sampler's first epoch draw), so the figure is the steady state a training run sees.
@@ -50,6 +57,8 @@ QUICK = {"cells": 4_000, "files": 2, "genes": 20_000}
 # batches measured (after warm-up) per variant: stock is ~100x slower than ours
 BATCHES = {"scprint": 300, "stock": 25, "annbatch": 40}
 QUICK_BATCHES = {"scprint": 40, "stock": 6, "annbatch": 16}
+COLD_WORKERS = (0, 2, 4)  # num_workers of the cold rows (prefetch_factor: torch's 2)
+COLD_REPEATS = 3
 DATA = dict(
     clss_to_predict=[
         "organism_ontology_term_id",
@@ -102,12 +111,14 @@ def _env(root: Path) -> dict:
 
 
 def evict(paths) -> int:
-    """Drop the files' pages from the page cache; returns the bytes advised."""
+    """Drop the files' pages from the page cache; returns the bytes advised. Written
+    pages are flushed first: DONTNEED leaves dirty pages (a just-generated file) cached."""
     total = 0
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
+            os.fdatasync(fd)
             os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
             total += size
         finally:
@@ -115,22 +126,58 @@ def evict(paths) -> int:
     return total
 
 
-def byte_ranges(cell_file, rows):
-    """(offset, length) of each row's data and indices in its file, as ours reads them."""
-    ranges = []
-    for ext in (cell_file.data_extents, cell_file.indices_extents):
-        first, stop = cell_file.indptr[rows], cell_file.indptr[rows + 1]
-        run = np.searchsorted(ext.starts, first, side="right") - 1
-        offsets = ext.offsets[run] + (first - ext.starts[run]) * ext.dtype.itemsize
-        ranges.append(np.stack([offsets, (stop - first) * ext.dtype.itemsize], axis=1))
-    return ranges  # [data ranges, indices ranges], one row a cell
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def page_spans(offsets: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first byte, stop byte) of the pages holding the byte ranges, overlapping or
+    adjacent pages merged, in file order: the fewest calls for those bytes."""
+    keep = lengths > 0
+    lo = offsets[keep] // PAGE
+    hi = (offsets[keep] + lengths[keep] - 1) // PAGE + 1
+    if not len(lo):
+        return lo, hi
+    order = np.argsort(lo, kind="stable")
+    lo, hi = lo[order], np.maximum.accumulate(hi[order])
+    new = np.ones(len(lo), dtype=bool)
+    new[1:] = lo[1:] > hi[:-1]
+    last = np.append(np.flatnonzero(new)[1:] - 1, len(lo) - 1)
+    return lo[new] * PAGE, hi[last] * PAGE
+
+
+def advise(fd: int, ranges, advice: int) -> None:
+    """posix_fadvise ``advice`` on the pages of [(offsets, lengths), ...] of one file."""
+    for offsets, lengths in ranges:
+        for lo, hi in zip(*page_spans(offsets, lengths), strict=True):
+            os.posix_fadvise(fd, int(lo), int(hi - lo), advice)
+
+
+class BatchEvictor:
+    """Evicts a batch's own pages before the dataset reads it (cold="batch"); in each
+    process that reads (DataLoader workers fork with it)."""
+
+    def __init__(self, dataset):
+        self.dataset, self.fds, self.pid = dataset, {}, None
+
+    def __call__(self, indices) -> None:
+        if self.pid != os.getpid():
+            self.fds, self.pid = {}, os.getpid()
+        ds = self.dataset
+        cells = np.asarray(indices, dtype=np.int64)
+        files, rows = ds.file_of_cell[cells], ds.row_of_cell[cells]
+        for f in np.unique(files).tolist():
+            if f not in self.fds:
+                self.fds[f] = os.open(ds.files[f].path, os.O_RDONLY)
+            ranges = ds.files[f].byte_ranges(np.sort(rows[files == f]))
+            advise(self.fds[f], ranges, os.POSIX_FADV_DONTNEED)
 
 
 def measure_in_process(
-    impl: str, workers: int, n_batches: int, warmup: int, cold: bool = False, record: str = ""
+    impl: str, workers: int, n_batches: int, warmup: int, cold: str = "", record: str = ""
 ) -> dict:
-    """Runs inside the variant's own process (``--measure``); ``cold`` evicts the
-    collection's pages first; ``record`` writes the cells each batch read (0 workers)."""
+    """Runs inside the variant's own process (``--measure``); ``cold`` "start" evicts the
+    collection's pages first, "batch" also each batch's pages before it is read;
+    ``record`` writes the cells each batch read (0 workers)."""
     import torch
 
     from scprint.trainer.datamodule import ScprintDataModule
@@ -147,9 +194,18 @@ def measure_in_process(
     loader = dm.train_dataloader() if impl == "scprint" else dm.scdataloader_train_dataloader()
     setup_s = time.perf_counter() - started
     dataset = loader.dataset
-    if record:  # wraps the batch read: the floor replays the same reads
-        drawn, read = [], dataset.__getitems__
-        dataset.__getitems__ = lambda idx: (drawn.append(list(idx)), read(idx))[1]
+    drawn, evict_batch = [], BatchEvictor(dataset) if cold == "batch" else None
+    read = dataset.__getitems__ if record or evict_batch else None  # ours only
+
+    def wrapped(indices):  # the floor replays the recorded reads
+        if record:
+            drawn.append(list(indices))
+        if evict_batch:
+            evict_batch(indices)
+        return read(indices)
+
+    if record or evict_batch:
+        dataset.__getitems__ = wrapped
     if cold:
         evict([f.path for f in dataset.files])
     cells, start = 0, None
@@ -179,35 +235,47 @@ def measure_in_process(
 
 
 def floor_in_process(record: str) -> dict:
-    """os.pread of the byte ranges ours read (``--floor``), same order, cold."""
+    """os.pread of the byte ranges ours read (``--floor``), same order: cold start and
+    every batch cold (its pages evicted before its reads, in the timing as in ours'), each
+    also with each batch's ranges hinted first (WILLNEED, as ours does): the reads with a
+    batch's I/O in flight together, no batch building."""
     from scprint.trainer.datamodule import ScprintDataModule
 
     dm = ScprintDataModule("bench-loader", num_workers=0, **DATA)
     dm.setup("fit")
     dataset = dm.train_dataloader().dataset
     batches = json.loads(Path(record).read_text())
-    plans = []  # per batch: the reads, as ours groups them (by file, rows increasing)
+    plans = []  # per batch, per file (rows increasing): [(path, [(offsets, lengths)] x 2)]
     for indices in batches:
         cells = np.asarray(indices, dtype=np.int64)
         files, rows = dataset.file_of_cell[cells], dataset.row_of_cell[cells]
         order = np.lexsort((rows, files))
+        plan = []
         for f in np.unique(files[order]):
-            sel = order[files[order] == f]
-            data, idx = byte_ranges(dataset.files[int(f)], rows[sel])
-            plans.append((dataset.files[int(f)].path, data, idx))
-    fds = {path: os.open(path, os.O_RDONLY) for path in {p for p, _, _ in plans}}
-    evict(list(fds))
-    start, nbytes = time.perf_counter(), 0
-    for path, data, idx in plans:
-        fd = fds[path]
-        for ranges in (data, idx):
-            for offset, length in ranges.tolist():
-                nbytes += len(os.pread(fd, length, offset))
-    seconds = time.perf_counter() - start
+            cell_file = dataset.files[int(f)]
+            plan.append((cell_file.path, cell_file.byte_ranges(rows[order[files[order] == f]])))
+        plans.append(plan)
+    fds = {path: os.open(path, os.O_RDONLY) for plan in plans for path, _ in plan}
+    cells = sum(len(b) for b in batches)
+    out = {"cells": cells}
+    for cold in ("start", "batch"):
+        for hinted in (False, True):
+            evict(list(fds))
+            start, nbytes = time.perf_counter(), 0
+            for plan in plans:
+                for path, ranges in plan if cold == "batch" else ():
+                    advise(fds[path], ranges, os.POSIX_FADV_DONTNEED)
+                for path, ranges in plan if hinted else ():
+                    advise(fds[path], ranges, os.POSIX_FADV_WILLNEED)
+                for path, ranges in plan:
+                    for offsets, lengths in ranges:
+                        for off, n in zip(offsets.tolist(), lengths.tolist(), strict=True):
+                            nbytes += len(os.pread(fds[path], n, off))
+            out[f"{cold}{'-hinted' if hinted else ''}"] = cells / (time.perf_counter() - start)
+            out["mb_read"] = nbytes / 1e6
     for fd in fds.values():
         os.close(fd)
-    cells = sum(len(b) for b in batches)
-    return {"cells_per_s": cells / seconds, "cells": cells, "mb_read": nbytes / 1e6}
+    return out
 
 
 def run_variant(
@@ -222,6 +290,7 @@ def run_variant(
 
 
 def run_annbatch(root: Path, info: dict, mode: str, n_batches: int) -> dict:
+    """``mode`` "cold": per-cell random order, the store's pages evicted before each pass."""
     """annbatch in its own venv; {"error": why} when it cannot run here."""
     if not ANNBATCH_PY.exists():
         return {"error": "no .bench-venv-annbatch: run `make bench-annbatch-venv` (annbatch "
@@ -240,16 +309,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help=argparse_hidden())
     parser.add_argument("--batches", type=int, default=100, help=argparse_hidden())
     parser.add_argument("--warmup", type=int, default=3, help=argparse_hidden())
-    parser.add_argument("--cold", action="store_true", help=argparse_hidden())
+    parser.add_argument("--cold", choices=["start", "batch"], help=argparse_hidden())
     parser.add_argument("--record", default="", help=argparse_hidden())
     parser.add_argument("--floor", default="", help=argparse_hidden())
+    parser.add_argument("--cold-only", action="store_true", help="only the cold-cache rows")
     args = parser.parse_args(argv)
     if args.floor:
         print(json.dumps(floor_in_process(args.floor)))
         return 0
     if args.measure:  # one variant, in this (fresh) process
         print(json.dumps(measure_in_process(
-            args.measure, args.workers, args.batches, args.warmup, args.cold, args.record
+            args.measure, args.workers, args.batches, args.warmup, args.cold or "", args.record
         )))  # fmt: skip
         return 0
 
@@ -259,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     info = ensure_data(root, size)
     rows: list[Row] = []
     details = {"collection": info, "setup": DATA}
+    if args.cold_only:
+        rows = cold_rows(root, info, batches, details, 1 if args.quick else COLD_REPEATS)
+        write_section(args.json, "loader", rows, details=details)
+        return 0
     for impl, label, base in [("scprint", "scprint", False), ("stock", "stock scdataloader", True)]:
         for workers in (0, 2):
             warmup = 3 if impl == "stock" else 10
@@ -274,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             note += " at the end; + largest worker" if workers else " at the end"
             rows.append(Row(f"loader peak RSS, {workers} workers", label, rss, "MB",
                             baseline=base, higher_is_better=False, note=note))  # fmt: skip
-    rows += cold_rows(root, info, batches, details)
+    rows += cold_rows(root, info, batches, details, 1)  # --cold-only: COLD_REPEATS
     orders = {
         "random": ("per-cell random order", "loader, 0 workers"),
         "memory": ("per-cell random order, in-memory mode", "loader, 0 workers"),
@@ -299,35 +373,72 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cold_rows(root: Path, info: dict, batches: dict, details: dict) -> list[Row]:
-    """Ours cold at 0 and 2 workers, the pread floor of ours' reads, annbatch cold."""
-    rows, figure = [], "loader, cold page cache"
+COLD = {
+    "start": "loader, cold start (pages evicted before the warm-up)",
+    "batch": "loader, every batch cold (its pages evicted before it is read)",
+}
+
+
+def cold_rows(root: Path, info: dict, batches: dict, details: dict, repeats: int) -> list[Row]:
+    """Ours at COLD_WORKERS in both cold modes, the pread floors of ours' reads, annbatch
+    cold: each repeat runs every variant once (interleaved, so load from other processes
+    hits all); rows are medians, each with its ratio to its floor's median."""
     record = root / "cold-reads.json"
-    for workers in (0, 2):
-        extra = ["--cold"] + (["--record", str(record)] if workers == 0 else [])
-        r = run_variant(root, "scprint", workers, batches["scprint"], 10, *extra)
-        details[f"scprint-{workers}-cold"] = r
-        print(f"  scprint cold, {workers} workers: {r['cells_per_s']:,.0f} cells/s", flush=True)
-        rows.append(Row(figure, f"scprint, {workers} workers", r["cells_per_s"], "cells/s",
-                        note=f"{r['cells']} cells; pages evicted first"))  # fmt: skip
-    cmd = [sys.executable, "-m", "bench.loader", "--floor", str(record), "--json", "-"]
-    proc = subprocess.run(cmd, env=_env(root), cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the pread floor failed:\n{proc.stderr[-3000:]}")
-    floor = json.loads(proc.stdout.strip().splitlines()[-1])
-    details["pread-floor-cold"] = floor
-    print(f"  pread floor, cold: {floor['cells_per_s']:,.0f} cells/s", flush=True)
-    rows.append(Row(figure, "os.pread floor (same byte ranges, same order)",
-                    floor["cells_per_s"], "cells/s", baseline=True,
-                    note=f"{floor['mb_read']:.0f} MB read"))  # fmt: skip
-    store = root / "annbatch"
-    if store.exists():
-        evict([p for p in store.rglob("*") if p.is_file()])
-        r = run_annbatch(root, info, "random", batches["annbatch"])
-        details["annbatch-random-cold"] = r
-        if "error" not in r:
-            rows.append(Row(figure, "annbatch + numpy selection", r["selected"], "cells/s",
-                            note="store evicted before its process"))  # fmt: skip
+    runs: dict[str, list[dict]] = {}
+
+    def note(key, field="cells_per_s"):
+        runs.setdefault(key, [])
+        return lambda r: (
+            runs[key].append(r),
+            print(f"    {key}: {r[field]:,.0f} cells/s", flush=True),
+        )
+
+    for rep in range(repeats):
+        print(f"  cold, repeat {rep + 1}/{repeats}: load average {os.getloadavg()[0]:.1f}")
+        for cold in COLD:
+            for workers in COLD_WORKERS:
+                extra = ["--cold", cold] + (["--record", str(record)] if workers == 0 else [])
+                r = run_variant(root, "scprint", workers, batches["scprint"], 10, *extra)
+                note(f"scprint-{workers}-{cold}")(r)
+        cmd = [sys.executable, "-m", "bench.loader", "--floor", str(record), "--json", "-"]
+        proc = subprocess.run(cmd, env=_env(root), cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the pread floor failed:\n{proc.stderr[-3000:]}")
+        note("floor", "batch")(json.loads(proc.stdout.strip().splitlines()[-1]))
+        if "annbatch-cold" not in details:  # an error once: not measured
+            r = run_annbatch(root, info, "cold", batches["annbatch"])
+            if "error" in r:
+                print(f"    annbatch cold: not measured: {r['error']}", flush=True)
+                details["annbatch-cold"] = r
+            else:
+                note("annbatch", "selected")(r)
+    details["cold-runs"] = runs
+    details["cold-load-average-at-end"] = os.getloadavg()
+
+    def median(key, field="cells_per_s"):
+        values = [r[field] for r in runs[key]]
+        return float(np.median(values)), ", ".join(f"{v:,.0f}" for v in values)
+
+    rows = []
+    mb = runs["floor"][-1]["mb_read"]
+    for cold, figure in COLD.items():
+        floor, values = median("floor", cold)
+        rows.append(Row(figure, "os.pread floor (same byte ranges, same order)", floor, "cells/s",
+                        baseline=True, note=f"{mb:.0f} MB a pass; runs {values}"))  # fmt: skip
+        value, values = median("floor", f"{cold}-hinted")
+        rows.append(Row(figure, "os.pread, each batch's ranges hinted first (WILLNEED)", value,
+                        "cells/s", note=f"{value / floor:.0%} of the floor; runs {values}"))  # fmt: skip
+        for workers in COLD_WORKERS:
+            value, values = median(f"scprint-{workers}-{cold}")
+            cells = runs[f"scprint-{workers}-{cold}"][-1]["cells"]
+            rows.append(Row(figure, f"scprint, {workers} workers", value, "cells/s",
+                            note=f"{value / floor:.0%} of the floor; {cells} cells; runs {values}"))  # fmt: skip
+        if "annbatch" in runs and cold == "start":
+            for field, label in (("selected", "+ same compiled selection"), ("raw", "raw CSR")):
+                value, values = median("annbatch", field)
+                rows.append(Row(figure, f"annbatch (zarrs), {label}", value, "cells/s",
+                                note=f"{value / floor:.0%} of the floor; per-cell random order, "
+                                     f"its own store (8 cells a chunk); runs {values}"))  # fmt: skip
     return rows
 
 

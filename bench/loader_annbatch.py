@@ -10,7 +10,8 @@ pipeline set to ``zarrs.ZarrsCodecPipeline`` (zarr-python's own pipeline reads l
 shards many times slower).
 
 ``python bench/loader_annbatch.py MODE N_BATCHES WARMUP MAX_LEN ZARR_DIR FILE...``; MODE is
-"random" (chunk_size=1: every cell drawn independently, like our sampler), "memory" (the
+"random" (chunk_size=1: every cell drawn independently, like our sampler), "cold" (the
+same, the store's pages evicted from the page cache before each timed pass), "memory" (the
 same on in-memory CSR matrices, annbatch's in-memory mode) or "chunked" (annbatch's
 default chunks of 512 contiguous cells, which only approximates random order). Prints one
 JSON line: cells/s of raw batches and of batches with the same gene selection as ours,
@@ -19,6 +20,7 @@ peak RSS. Uniform sampling: annbatch has no per-cell weighted sampler.
 """
 
 import json
+import os
 import resource
 import sys
 import time
@@ -115,7 +117,21 @@ def in_memory(files: list[str]) -> list:
     return out
 
 
-def measure(mode: str, n_batches: int, warmup: int, datasets: list, selector) -> float:
+def evict(folder: Path) -> None:
+    """Flush and drop the store's pages from the page cache (as bench/loader.py's evict)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def measure(mode: str, n_batches: int, warmup: int, datasets: list, selector, folder) -> float:
+    if mode == "cold":
+        evict(folder)
     chunk = 512 if mode == "chunked" else 1
     loader = Loader(
         chunk_size=chunk,
@@ -151,8 +167,8 @@ def main():
         datasets = [ad.io.sparse_dataset(zarr.open_group(s, mode="r")["X"]) for s in stores]
     selector = Selector(datasets[0].shape[1], max_len)
     selector(datasets[0][:64])  # compile (or load the cached kernel) before timing
-    raw = measure(mode, n_batches, warmup, datasets, None)
-    topk = measure(mode, n_batches, warmup, datasets, selector)
+    raw = measure(mode, n_batches, warmup, datasets, None, folder)
+    topk = measure(mode, n_batches, warmup, datasets, selector, folder)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"raw": raw, "selected": topk, "peak_rss_mb": rss}))
 

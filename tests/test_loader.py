@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import cli_env
 from test_fit import build_tiny_collection, write_gene_files
@@ -105,3 +106,145 @@ def test_every_data_key_changes_behaviour(probe):
     assert {"train_labels.npy", "valid_idx.npy", "klass_indices.pt"} <= set(k["store_files"])
     assert k["store_same_split"] and not k["nostore_same_split"]
     # clss_to_weight, weight_scaler: also test_weighted_sampling_oversamples_rare_cell_types
+
+
+def write_interleaved_csr(path: Path, rng) -> tuple:
+    """An h5ad-shaped CSR X whose data and indices are chunked and written alternately,
+    so each is many runs of chunks with the other's chunks between them (a cell can
+    cross from one run into the next)."""
+    import h5py
+
+    lengths = rng.integers(0, 40, size=50)
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    data = rng.random(indptr[-1], dtype=np.float32)
+    indices = rng.integers(0, 300, size=indptr[-1]).astype(np.int32)
+    with h5py.File(path, "w", rdcc_nbytes=0) as f:  # no chunk cache: written in turn
+        X = f.create_group("X")
+        X.attrs.update({"encoding-type": "csr_matrix", "shape": (50, 300)})
+        X["indptr"] = indptr
+        ds = [X.create_dataset(k, (0,), a.dtype, chunks=(16,), maxshape=(None,)) for k, a in
+              (("data", data), ("indices", indices))]  # fmt: skip
+        for start in range(0, len(data), 16):  # one chunk of each, in turn
+            for d, a in zip(ds, (data, indices), strict=True):
+                d.resize((min(start + 16, len(a)),))
+                d[start:] = a[start : start + 16]
+        f.create_group("var").attrs["_index"] = "_index"
+        f["var/_index"] = np.array([f"g{i}" for i in range(300)], dtype="S")
+    return indptr, data, indices
+
+
+def test_byte_ranges_are_the_bytes_read_rows_reads(tmp_path):
+    """The cold-cache read-ahead asks for each row's pages: the byte ranges CellFile
+    computes are where the rows' values lie (checked with os.pread), runs crossed included."""
+    import os
+
+    from scprint.trainer.batches import CellFile
+
+    path = tmp_path / "x.h5ad"
+    indptr, data, indices = write_interleaved_csr(path, np.random.default_rng(0))
+    cell_file = CellFile(str(path))
+    assert cell_file.mapped and len(cell_file.data_extents.starts) > 10  # many runs
+    rows = np.arange(50)
+    got_data, got_idx = cell_file.read_rows(rows)
+    for r in rows:
+        assert np.array_equal(got_data[r], data[indptr[r] : indptr[r + 1]])
+        assert np.array_equal(got_idx[r], indices[indptr[r] : indptr[r + 1]])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for (offsets, lengths), values in zip(
+            cell_file.byte_ranges(rows), (data, indices), strict=True
+        ):
+            cut = 0
+            for r, off, n in zip(rows, offsets.tolist(), lengths.tolist(), strict=True):
+                count = n // values.itemsize
+                first = values[indptr[r] : indptr[r] + count]
+                assert os.pread(fd, n, off) == first.tobytes()
+                cut += count < indptr[r + 1] - indptr[r]
+            assert cut > 0  # some rows cross into the next run
+    finally:
+        os.close(fd)
+    cell_file.will_need(rows[::3])  # the madvise calls accept every range
+
+
+def resident_pages(path: Path) -> np.ndarray:
+    """Which pages of the file are in the page cache (mincore on a private map of it)."""
+    import ctypes
+    import mmap
+
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        n = (len(mm) + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * n)()
+        buf = ctypes.c_char.from_buffer(mm)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        assert libc.mincore(ctypes.addressof(buf), len(mm), vec) == 0, ctypes.get_errno()
+        del buf
+        return np.frombuffer(vec, dtype=np.uint8) & 1
+    finally:
+        mm.close()
+
+
+def test_cold_reads_fetch_only_the_pages_a_batch_needs(tmp_path):
+    """On a cold page cache, reading a row brings in its own pages, not the device's
+    read-ahead window around them (MADV_RANDOM), and read_ahead() brings in exactly the
+    rows' pages, in one process_madvise call or a madvise call a range (a 32 MB file: larger than any usual read-ahead window)."""
+    import mmap
+    import os
+    import time
+
+    import h5py
+
+    from scprint.trainer.batches import CellFile, read_ahead
+
+    path = tmp_path / "big.h5ad"
+    nnz = 2000
+    indptr = np.arange(0, 2001 * nnz, nnz)
+    with h5py.File(path, "w") as f:
+        X = f.create_group("X")
+        X.attrs.update({"encoding-type": "csr_matrix", "shape": (2000, 20_000)})
+        X["indptr"] = indptr
+        X["data"] = np.ones(indptr[-1], dtype=np.float32)
+        X["indices"] = np.tile(np.arange(0, 20_000, 10, dtype=np.int32), 2000)
+        f.create_group("var").attrs["_index"] = "_index"
+        f["var/_index"] = np.array([f"g{i}" for i in range(20_000)], dtype="S")
+    cell_file = CellFile(str(path))
+
+    def evict() -> np.ndarray:
+        """The pages still cached after the eviction (a few stay here, the file's own)."""
+        fd = os.open(path, os.O_RDONLY)
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        left = resident_pages(path)
+        if left.sum() > 16:
+            pytest.skip(f"this filesystem keeps the file's pages cached ({left.sum()} pages)")
+        return left
+
+    def wanted(rows):
+        pages = np.zeros(len(resident_pages(path)), dtype=np.uint8)
+        for offsets, lengths in cell_file.byte_ranges(rows):
+            for at, n in zip(offsets, lengths, strict=True):
+                pages[at // mmap.PAGESIZE : (at + n - 1) // mmap.PAGESIZE + 1] = 1
+        return pages
+
+    left = evict()
+    data, idx = cell_file.read_rows(np.array([1000]))
+    assert data[0].sum() == nnz and idx[0][-1] == 19_990  # touches every page of the row
+    read = resident_pages(path) & ~left
+    assert 0 < read.sum() <= wanted(np.array([1000])).sum() + 2
+
+    for one_call in (True, False):  # process_madvise, a madvise a range
+        left = evict()
+        rows = np.array([3, 700, 701, 1500])
+        want = wanted(rows) & ~left
+        read_ahead(cell_file.wanted(rows), one_call=one_call)
+        deadline = time.monotonic() + 10  # asynchronous: mincore counts finished reads
+        while True:
+            got = resident_pages(path) & ~left
+            assert not (got & ~want).any()  # nothing but the rows' pages
+            if np.array_equal(got, want) or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert np.array_equal(got, want), (one_call, got.sum(), want.sum())
