@@ -181,7 +181,7 @@ def test_the_demo_settings_on_a_demo_like_model_beat_the_probe(demo):
     )
     classes = {"cell_type_ontology_term_id": 13, "organism_ontology_term_id": 2}
     ckpt = write_base_checkpoint(workdir, demo["vocab"], "demo-like", steps=40, classes=classes,
-                                 d_model=32, dropout=0.1, mvc_decoder="None")  # fmt: skip
+                                 d_model=32, dropout=0.1)  # fmt: skip
     block = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())["finetune"]
     lora = [a for k, v in block["lora"].items() for a in (f"--lora.{k}", json.dumps(v))]
     proc = run_cli(
