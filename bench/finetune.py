@@ -58,6 +58,8 @@ def _reset_peak() -> None:
 
 
 def worker(impl: str, size: str, B: int, L: int, steps: int) -> dict:
+    import peft  # noqa: F401  (in every worker: its imports, ~100 MB RSS, count alike)
+
     from scprint.finetune.lora import Classifier, LoraSettings, add_lora, count_params
     from scprint.model.model import ScPrint, ScPrintConfig
 
