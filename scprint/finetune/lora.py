@@ -27,7 +27,8 @@ class LoraSettings:
         alpha: scaling numerator: the update is (alpha / r) * B @ A.
         dropout: dropout on the adapters' input; 0 by default: peft then feeds the layer's
             input to the adapter as is, where any other value keeps a dropped-out copy of
-            every adapted layer's input for backward (bench/finetune.py: +45% memory).
+            every adapted layer's input for backward (bench/results/finetune.json: the steps
+            add 1.15-1.38x the memory they add with 0).
         target_modules: peft target_modules (names or name suffixes of nn.Linear layers);
             null: every Linear inside the transformer blocks (attention and MLP).
     """

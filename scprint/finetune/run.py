@@ -36,6 +36,7 @@ import torch
 
 from scprint.finetune.lora import LoraSettings
 from scprint.io import StageError, atomic_path, write_json
+from scprint.model import readout
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -190,8 +191,6 @@ def adapters_train(model: torch.nn.Module) -> None:
     off, so the head sees the embedding its probe was fit on; with it on, the
     standardised embedding's noise was ~200x the between-cell spread on the demo (a
     barely trained model) and training collapsed to one label."""
-    from scprint.model import readout
-
     readout.train_without_dropout(model)
     for name, module in model.named_modules():
         if "lora_dropout" in name:
@@ -270,7 +269,6 @@ def finetune(
 ) -> dict:
     from scprint.finetune.data import CellTokens, read_labeled, split, vocabulary_organisms
     from scprint.finetune.lora import Classifier, add_lora, count_params, save_merged
-    from scprint.model import readout
 
     if not data.h5ad:
         raise StageError("data.h5ad is empty: give the labeled h5ad files to fine-tune on")
