@@ -138,6 +138,7 @@ def test_whole_dag_produces_a_checkpoint_from_the_demo(demo_run):
     assert summary["run"] == "demo"
     finetuned = yaml.safe_load((demo_run / "results" / "finetune" / "demo-blood.json").read_text())
     assert len(finetuned["labels"]) == 5 and finetuned["trainable_params"] > 0
+    assert finetuned["trainable_share"] <= 0.02  # the bound, with the demo's r
     assert (demo_run / "checkpoints" / "finetune" / "demo-blood" / "merged.ckpt").exists()
 
 

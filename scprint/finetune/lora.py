@@ -4,14 +4,18 @@ merged into a checkpoint that loads like any other (``ScPrintModule.load``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from scprint.finetune import backbone
 from scprint.io import atomic_path
+from scprint.model import readout
+
+Readout = Callable[[torch.Tensor], torch.Tensor]  # (B, C, D) cell token states -> (B, D)
 
 
 @dataclass
@@ -21,21 +25,27 @@ class LoraSettings:
     Args:
         r: rank of each adapter (its trainable matrices are r x in and out x r).
         alpha: scaling numerator: the update is (alpha / r) * B @ A.
-        dropout: dropout on the adapters' input.
+        dropout: dropout on the adapters' input; 0 by default: peft then feeds the layer's
+            input to the adapter as is, where any other value keeps a dropped-out copy of
+            every adapted layer's input for backward (bench/results/finetune.json: the steps
+            add 1.15-1.38x the memory they add with 0).
         target_modules: peft target_modules (names or name suffixes of nn.Linear layers);
             null: every Linear inside the transformer blocks (attention and MLP).
     """
 
     r: int = 8
     alpha: int = 16
-    dropout: float = 0.05
+    dropout: float = 0.0
     target_modules: list[str] | None = None
 
 
 class Head(nn.Module):
     """The new classifier: a Linear layer on the cell embedding standardised with the
     frozen model's per-dimension mean and scale over the training cells, as the linear
-    probe sees it. The Linear layer starts at zero: every label equally likely."""
+    probe sees it. It starts as that probe (:meth:`start_from`, "LP-FT"): a head starting
+    from zero sends large, uninformed gradients into the adapters, and the standardisation
+    amplifies every change of the embedding by 1 / scale (~2,000x for the demo's barely
+    trained model, whose cells differ by ~5e-4 per dimension), so fine-tuning collapsed."""
 
     def __init__(self, d: int, n_labels: int):
         super().__init__()
@@ -49,30 +59,38 @@ class Head(nn.Module):
         return self.linear((emb - self.mean) / self.scale)
 
     @torch.no_grad()
-    def standardise(self, mean, scale) -> None:
-        self.mean.copy_(torch.as_tensor(mean))
-        self.scale.copy_(torch.as_tensor(scale))
+    def start_from(self, probe) -> None:
+        """Copy a fitted ``linear_probe`` (StandardScaler + LogisticRegression)."""
+        scaler, logistic = probe[0], probe[-1]
+        self.mean.copy_(torch.as_tensor(scaler.mean_))
+        self.scale.copy_(torch.as_tensor(scaler.scale_))
+        self.linear.weight.copy_(torch.as_tensor(logistic.coef_))
+        self.linear.bias.copy_(torch.as_tensor(logistic.intercept_))
 
 
 class Classifier(nn.Module):
     """The pre-trained network plus a new head: (B, L) cells -> (B, K) label logits.
 
-    ``readout`` picks the cell embedding from the cell token states
-    (``backbone.readout(module)``); default: the bare network's mean of all cell tokens."""
+    ``read`` picks the cell embedding (B, D) from the cell token states (B, C, D);
+    default: the bare network's mean of all cell tokens."""
 
-    def __init__(self, net: nn.Module, n_labels: int, readout: backbone.Readout | None = None):
+    def __init__(self, net: nn.Module, n_labels: int, read: Readout | None = None):
         super().__init__()
         self.net = net
-        self.readout = readout or net.cell_embedding
-        self.head = Head(backbone.embedding_width(net, self.readout), n_labels)
+        self.read = read or net.cell_embedding
+        self.head = Head(net.cfg.d_model, n_labels)
 
     @classmethod
     def of(cls, module, n_labels: int) -> Classifier:
-        """The classifier of a loaded ScPrintModule, on its prediction embedding."""
-        return cls(module.net, n_labels, backbone.readout(module))
+        """The classifier of a loaded ScPrintModule, on its prediction embedding (the
+        ``cell_emb`` that ``scprint predict`` writes), not the network's mean of all cell
+        tokens: that mean includes the depth token, a function of the library size alone.
+        The partial holds no weights of its own: ``module.net`` is the one adapted."""
+        return cls(module.net, n_labels, partial(readout.cell_embedding, module))
 
-    def embed(self, genes, x, depth) -> torch.Tensor:  # (B, D)
-        return backbone.cell_embedding(self.net, self.readout, genes, x, depth)
+    def embed(self, genes, x, depth) -> torch.Tensor:  # (B, L) x 2, (B,) -> (B, D)
+        cell_states, _ = readout.encode(self.net, {"genes": genes, "x": x, "depth": depth})
+        return self.read(cell_states)
 
     def forward(self, genes, x, depth) -> torch.Tensor:  # (B, K)
         return self.head(self.embed(genes, x, depth))
@@ -82,7 +100,7 @@ def add_lora(model: Classifier, settings: LoraSettings):
     """Wrap ``model`` (in place) in a peft model: only the adapters and the head train."""
     from peft import LoraConfig, get_peft_model
 
-    targets = settings.target_modules or backbone.lora_targets(model.net, prefix="net.")
+    targets = settings.target_modules or readout.lora_targets(model.net, prefix="net.")
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -127,7 +145,7 @@ def save_merged(
 def load_merged(path: str | Path, device: str = "cpu") -> tuple[Classifier, dict]:
     """A merged fine-tuned checkpoint -> (Classifier in eval mode, checkpoint["finetune"])."""
     info = torch.load(path, map_location="cpu", weights_only=False)["finetune"]
-    module = backbone.load_backbone(path, device)
+    module = readout.load(path, device)
     model = Classifier.of(module, len(info["labels"]))
     model.head.load_state_dict(info["head"])
     return model.to(device).eval(), info
@@ -137,6 +155,6 @@ def load_adapter(base_checkpoint: str | Path, adapter_dir: str | Path, n_labels:
     """Base checkpoint + saved adapter -> the peft model, in eval mode."""
     from peft import PeftModel
 
-    module = backbone.load_backbone(base_checkpoint, device)
+    module = readout.load(base_checkpoint, device)
     model = Classifier.of(module, n_labels).to(device)
     return PeftModel.from_pretrained(model, str(adapter_dir)).eval()

@@ -36,6 +36,7 @@ import torch
 
 from scprint.finetune.lora import LoraSettings
 from scprint.io import StageError, atomic_path, write_json
+from scprint.model import readout
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -67,7 +68,11 @@ class TrainSettings:
 
     Args:
         epochs: passes over the training cells.
-        lr: AdamW learning rate (constant).
+        lr: AdamW learning rate, reached linearly over the first ``warmup_epochs``, then
+            constant.
+        warmup_epochs: epochs of linear warm-up: the head starts as the linear probe,
+            and full-size first steps of the adapters move the standardised embedding
+            far from it before the gradients are informative.
         weight_decay: AdamW weight decay.
         batch_size: cells per step.
         device: auto (cuda when there is one), cpu or cuda.
@@ -77,6 +82,7 @@ class TrainSettings:
 
     epochs: int = 10
     lr: float = 1e-3
+    warmup_epochs: float = 1.0
     weight_decay: float = 0.01
     batch_size: int = 32
     device: str = "auto"
@@ -180,6 +186,17 @@ def linear_probe(train_emb, train_y, seed: int):
     return probe.fit(train_emb, train_y)
 
 
+def adapters_train(model: torch.nn.Module) -> None:
+    """Train mode with only the adapters' dropout on: the network keeps its own dropout
+    off, so the head sees the embedding its probe was fit on; with it on, the
+    standardised embedding's noise was ~200x the between-cell spread on the demo (a
+    barely trained model) and training collapsed to one label."""
+    readout.train_without_dropout(model)
+    for name, module in model.named_modules():
+        if "lora_dropout" in name:
+            module.train()
+
+
 def train_epochs(model, dataset, train: TrainSettings, device: str, state_path: Path, key: dict):
     """AdamW on the trainable parameters; resumes from ``state_path`` when its ``key``
     (the settings) matches. Epoch e shuffles and draws dropout from seed + e, so a resumed
@@ -196,11 +213,16 @@ def train_epochs(model, dataset, train: TrainSettings, device: str, state_path: 
             log.info("resuming from %s after epoch %d", state_path, start)
         else:
             log.warning("%s was saved with other settings: starting over", state_path)
+    steps_per_epoch = -(-len(dataset) // train.batch_size)
+    warmup = max(1.0, train.warmup_epochs * steps_per_epoch)
     for epoch in range(start, train.epochs):
         torch.manual_seed(train.seed + 1 + epoch)
-        model.train()
+        adapters_train(model)
         total, n = 0.0, 0
-        for batch in _loader(dataset, train.batch_size, shuffle_seed=train.seed + epoch):
+        loader = _loader(dataset, train.batch_size, shuffle_seed=train.seed + epoch)
+        for step, batch in enumerate(loader, start=epoch * steps_per_epoch):
+            for group in optimizer.param_groups:
+                group["lr"] = train.lr * min(1.0, (step + 1) / warmup)
             with _autocast(device, train.precision):
                 logits = model(
                     batch["genes"].to(device), batch["x"].to(device), batch["depth"].to(device)
@@ -245,7 +267,6 @@ def finetune(
     summary: str,
     config: dict | None = None,
 ) -> dict:
-    from scprint.finetune import backbone
     from scprint.finetune.data import CellTokens, read_labeled, split, vocabulary_organisms
     from scprint.finetune.lora import Classifier, add_lora, count_params, save_merged
 
@@ -254,8 +275,8 @@ def finetune(
     if not Path(checkpoint).exists():
         raise StageError(f"checkpoint {checkpoint} does not exist: train one (`scprint fit`)")
     device = _device(train)
-    module = backbone.load_backbone(checkpoint, device)
-    genes = backbone.vocabulary(module)
+    module = readout.load(checkpoint, device)
+    genes = list(module.hparams.genes)  # in the order of the network's gene indices
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
     saved = saved.get("scprint") or {}
     trained_on = ((saved.get("config") or {}).get("data") or {}).get("organisms")
@@ -287,8 +308,7 @@ def finetune(
         model, _loader(test_set, train.batch_size), device, train.precision, embed=True
     )
     before = scores(test_y, probe.predict(test_emb))
-    scaler = probe[0]
-    model.head.standardise(scaler.mean_, scaler.scale_)
+    model.head.start_from(probe)
     log.info("frozen model + linear probe on held-out cells: %s", before)
     model_params = count_params(model.net)
     try:

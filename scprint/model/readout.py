@@ -1,14 +1,35 @@
-"""What validation, prediction and init_from read from the network, one function per use.
+"""What validation, prediction and fine-tuning read from the network, one function per use.
 
-Everything outside the network that needs its outputs goes through these functions, so a
-change of the network's interface (e.g. the upstream-parity model) is adapted here only.
-Inputs are the batch dict of scprint.trainer (x, genes, depth, class).
+Everything outside the network that needs its outputs or its layout goes through these
+functions, so a change of the network's interface (e.g. the upstream-parity model) is
+adapted here only. Inputs are the batch dict of scprint.trainer (x, genes, depth, class).
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def load(path: str | Path, device: str = "cpu"):
+    """The ScPrintModule of a checkpoint, on ``device``, in eval mode. A model trained
+    with transformer='flash' runs with 'sdpa' (same weights) where flash cannot run."""
+    from scprint.model.lightning import ScPrintModule
+
+    overrides = {}
+    # only the hyperparameters: mmap leaves the weights on disk until the real load below
+    hparams = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get(
+        "hyper_parameters", {}
+    )
+    if hparams.get("transformer") == "flash" and not str(device).startswith("cuda"):
+        log.info("checkpoint uses transformer='flash', which needs CUDA: running with 'sdpa'")
+        overrides["transformer"] = "sdpa"
+    return ScPrintModule.load(path, map_location=device, **overrides).eval()
 
 
 def encode(
@@ -44,3 +65,35 @@ def label_names(codes: torch.Tensor, decoder: dict[int, str] | None) -> list[str
     no name for a code (trained before label names were kept)."""
     decoder = {int(k): v for k, v in (decoder or {}).items()}
     return [decoder.get(int(c), f"code:{int(c)}") for c in codes.tolist()]
+
+
+def train_without_dropout(net: nn.Module) -> None:
+    """Train mode (recomputation in backward included) with the network's own dropout
+    off: its Dropout layers and the attention-weight dropout of the "normal" path."""
+    from scprint.model.model import MHA
+
+    net.train()
+    for module in net.modules():
+        if isinstance(module, nn.Dropout | MHA):
+            module.eval()
+
+
+def lora_targets(net: nn.Module, prefix: str = "") -> list[str]:
+    """Qualified names of the nn.Linear layers inside the transformer blocks (attention
+    projections and MLP layers): every Linear under an nn.ModuleList of same-class blocks.
+    Decoders, classifier heads and input encoders are left out."""
+    targets = []
+    for name, module in net.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        for sub, layer in module.named_modules(prefix=name):
+            if isinstance(layer, nn.Linear):
+                targets.append(f"{prefix}{sub}")
+    if not targets:
+        raise ValueError(
+            "found no nn.Linear inside a stack of transformer blocks (an nn.ModuleList) of "
+            f"{type(net).__name__}: set lora.target_modules by hand"
+        )
+    return targets
