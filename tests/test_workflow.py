@@ -139,6 +139,8 @@ def test_whole_dag_produces_a_checkpoint_from_the_demo(demo_run):
     finetuned = yaml.safe_load((demo_run / "results" / "finetune" / "demo-blood.json").read_text())
     assert len(finetuned["labels"]) == 5 and finetuned["trainable_params"] > 0
     assert finetuned["trainable_share"] <= 0.02  # the bound, with the demo's r
+    # never below the frozen probe it starts from (it fell to chance before LP-FT)
+    assert finetuned["after"]["accuracy"] >= finetuned["before"]["accuracy"], finetuned
     assert (demo_run / "checkpoints" / "finetune" / "demo-blood" / "merged.ckpt").exists()
 
 
