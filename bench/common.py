@@ -36,6 +36,23 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
+def evict(paths) -> int:
+    """Drop the files' pages from the page cache; returns the bytes advised. Written
+    pages are flushed first: DONTNEED leaves dirty pages (a just-generated file) cached.
+    Standard library only: bench/loader_annbatch.py, in annbatch's venv, uses it too."""
+    total = 0
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+            total += size
+        finally:
+            os.close(fd)
+    return total
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

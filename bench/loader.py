@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import Row, section_parser, write_section
+from bench.common import Row, evict, section_parser, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 ANNBATCH_PY = REPO / ".bench-venv-annbatch" / "bin" / "python"
@@ -108,22 +108,6 @@ def _env(root: Path) -> dict:
     env["LAMIN_SETTINGS_DIR"] = str(root / "lamin" / "settings")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     return env
-
-
-def evict(paths) -> int:
-    """Drop the files' pages from the page cache; returns the bytes advised. Written
-    pages are flushed first: DONTNEED leaves dirty pages (a just-generated file) cached."""
-    total = 0
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            size = os.fstat(fd).st_size
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
-            total += size
-        finally:
-            os.close(fd)
-    return total
 
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -290,8 +274,8 @@ def run_variant(
 
 
 def run_annbatch(root: Path, info: dict, mode: str, n_batches: int) -> dict:
-    """``mode`` "cold": per-cell random order, the store's pages evicted before each pass."""
-    """annbatch in its own venv; {"error": why} when it cannot run here."""
+    """annbatch in its own venv; {"error": why} when it cannot run here. ``mode`` "cold":
+    per-cell random order, the store's pages evicted before each pass."""
     if not ANNBATCH_PY.exists():
         return {"error": "no .bench-venv-annbatch: run `make bench-annbatch-venv` (annbatch "
                 "needs Python >= 3.12, anndata >= 0.12 and zarr 3, so it gets its own venv)"}  # fmt: skip

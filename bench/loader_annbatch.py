@@ -20,7 +20,6 @@ peak RSS. Uniform sampling: annbatch has no per-cell weighted sampler.
 """
 
 import json
-import os
 import resource
 import sys
 import time
@@ -31,6 +30,7 @@ import h5py
 import numpy as np
 import zarr
 from annbatch import Loader
+from common import evict  # bench/common.py: this script runs from bench/ in annbatch's venv
 
 # annbatch's docs: local zarr reads go through zarrs (Rust codec pipeline, the [zarrs] extra)
 zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
@@ -117,21 +117,9 @@ def in_memory(files: list[str]) -> list:
     return out
 
 
-def evict(folder: Path) -> None:
-    """Flush and drop the store's pages from the page cache (as bench/loader.py's evict)."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def measure(mode: str, n_batches: int, warmup: int, datasets: list, selector, folder) -> float:
     if mode == "cold":
-        evict(folder)
+        evict(p for p in folder.rglob("*") if p.is_file())  # the store's pages
     chunk = 512 if mode == "chunked" else 1
     loader = Loader(
         chunk_size=chunk,

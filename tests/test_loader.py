@@ -138,7 +138,7 @@ def test_byte_ranges_are_the_bytes_read_rows_reads(tmp_path):
     computes are where the rows' values lie (checked with os.pread), runs crossed included."""
     import os
 
-    from scprint.trainer.batches import CellFile
+    from scprint.trainer.batches import CellFile, read_ahead
 
     path = tmp_path / "x.h5ad"
     indptr, data, indices = write_interleaved_csr(path, np.random.default_rng(0))
@@ -163,7 +163,7 @@ def test_byte_ranges_are_the_bytes_read_rows_reads(tmp_path):
             assert cut > 0  # some rows cross into the next run
     finally:
         os.close(fd)
-    cell_file.will_need(rows[::3])  # the madvise calls accept every range
+    read_ahead(cell_file.wanted(rows[::3]))  # the madvise calls accept every range
 
 
 def resident_pages(path: Path) -> np.ndarray:

@@ -216,10 +216,6 @@ class CellFile:
         page = starts[keep] & -mmap.PAGESIZE  # madvise wants page-aligned starts
         return np.stack([address + page, stops[keep] - page], axis=1).astype(np.uint64)
 
-    def will_need(self, rows: np.ndarray) -> None:
-        """read_ahead() of the rows' bytes."""
-        read_ahead(self.wanted(rows))
-
     def read_rows(self, rows: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(data, indices) of each row, in the order given (sort ``rows`` for locality)."""
         handle = self._open()
