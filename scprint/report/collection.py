@@ -95,13 +95,11 @@ def sampler_shares(obs, columns: list[str], scaler: float) -> dict[str, tuple]:
 
 
 def training_data_config(paths: list[str]) -> dict:
-    """The ``data`` section of the training yamls, merged in order (later files win)."""
-    import yaml
+    """The ``data`` section of the training yamls, merged in order (later files win), as
+    `scprint plan` reads them."""
+    from scprint.plan import load_config
 
-    data: dict = {}
-    for path in paths:
-        data.update((yaml.safe_load(Path(path).read_text()) or {}).get("data") or {})
-    return data
+    return load_config(paths).get("data") or {}
 
 
 def plot_composition(obs, collection: dict, out: Path) -> None:
