@@ -79,6 +79,10 @@ def upstream_to_ours(hp: dict, state: dict) -> tuple[dict, dict]:
         raise StageError("the upstream checkpoint has no label_counts (class name -> size)")
     ours["classes"] = {str(k): int(v) for k, v in counts.items()}
     ours["gene_positions"] = hp.get("gene_pos_enc")
+    # upstream freezes the gene table only when it came from precpt_gene_emb; a table it
+    # started at random is learned whatever freeze_embeddings says
+    if hp.get("precpt_gene_emb") is None:
+        ours["freeze_embeddings"] = False
     # upstream's "flash" is its triton kernel (CPU: falls back to plain attention); the
     # same maths here is sdpa, which runs anywhere
     ours["transformer"] = "normal" if hp.get("transformer") == "normal" else "sdpa"

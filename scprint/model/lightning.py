@@ -21,41 +21,58 @@ from scprint.model.genes import read_gene_embeddings
 from scprint.model.model import ScPrint, ScPrintConfig
 from scprint.model.objectives import Objectives, compute_losses, set_trainable
 
-OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-SCHEDULERS = ("cosine", "linear", "constant")
+OPTIMIZERS = {"adamW": torch.optim.AdamW, "adam": torch.optim.Adam}
+LR_SCHEDULES = ("plateau", "cosine")
 
 
 @dataclass
-class OptimParams:
+class Optimization:
+    """The optimizer side of ``scprint_training`` (upstream TrainingMode's keys; the last
+    three are ours, opt-in)."""
+
     lr: float = 1e-4
-    optimizer: str = "adamw"
+    optim: str = "adamW"
     weight_decay: float = 0.01
-    warmup_steps: int = 0
-    scheduler: str = "cosine"
-    min_lr_ratio: float = 0.0  # cosine/linear decay to lr * min_lr_ratio at the last step
+    fused_adam: bool = False
+    warmup_duration: int = 500
+    lr_reduce_patience: int = 2
+    lr_reduce_factor: float = 0.6
+    lr_reduce_monitor: str | None = "val_loss"
+    lr_schedule: str = "plateau"
+    min_lr_ratio: float = 0.01
+    decay_matrices_only: bool = False
 
     def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler={self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(
+                f"scprint_training.optim={self.optim!r}: choose one of {', '.join(OPTIMIZERS)}"
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"scprint_training.lr_schedule={self.lr_schedule!r}: choose one of "
+                f"{', '.join(LR_SCHEDULES)}"
+            )
+        if self.warmup_duration < 0:
+            raise ValueError("scprint_training.warmup_duration must be >= 0")
 
-    def lr_factor(self, step: int, total_steps: int | None) -> float:
-        """Multiplier of lr at optimizer step ``step`` (0-based): linear warmup, then decay."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.scheduler == "constant":
+    def warmup_factor(self, step: int) -> float:
+        """Upstream's warm-up: lr x (step + 1) / warmup_duration for the first steps."""
+        if step >= self.warmup_duration:
             return 1.0
+        return min(1.0, (step + 1) / self.warmup_duration)
+
+    def cosine_factor(self, step: int, total_steps: int | None) -> float:
+        """lr_schedule cosine: warm-up, then cosine decay to min_lr_ratio at the last step."""
+        if step < self.warmup_duration:
+            return self.warmup_factor(step)
         if not total_steps or math.isinf(total_steps):
             raise ValueError(
-                f"scheduler={self.scheduler!r} needs a known number of steps: set "
-                "trainer.max_steps (or max_epochs), or use scheduler: constant"
+                "scprint_training.lr_schedule=cosine needs a known number of steps: set "
+                "trainer.max_steps (or max_epochs), or use lr_schedule: plateau"
             )
-        progress = min(1.0, (step - self.warmup_steps) / max(1, total_steps - self.warmup_steps))
-        if self.scheduler == "cosine":
-            decay = 0.5 * (1 + math.cos(math.pi * progress))
-        else:
-            decay = 1 - progress
+        span = max(1, total_steps - self.warmup_duration)
+        progress = min(1.0, (step - self.warmup_duration) / span)
+        decay = 0.5 * (1 + math.cos(math.pi * progress))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * decay
 
 
@@ -207,13 +224,20 @@ class ScPrintModule(L.LightningModule):
                 persistent=False,
             )
         self.objectives = Objectives()
-        self.optim = OptimParams()
+        self.optim = Optimization()
+        self.tf_weights: torch.Tensor | None = None  # (n_genes,) "TF" masking weights
         self.run_config: dict | None = None  # the CLI's merged config, saved in checkpoints
         self.requested_config: dict | None = None  # ... as asked for (resume compares it)
 
     # ---- set by the TrainingMode callback --------------------------------------------
-    def configure_training(self, objectives: Objectives, optim: OptimParams) -> None:
+    def configure_training(
+        self,
+        objectives: Objectives,
+        optim: Optimization,
+        tf_weights: torch.Tensor | None = None,
+    ) -> None:
         self.objectives, self.optim = objectives, optim
+        self.tf_weights = tf_weights
         set_trainable(self.net, objectives)
 
     def setup(self, stage: str) -> None:
@@ -235,7 +259,16 @@ class ScPrintModule(L.LightningModule):
         return batch
 
     def _step(self, batch: dict, prefix: str) -> torch.Tensor:
-        out = compute_losses(self.net, batch, self.objectives, self.label_sets)
+        if self.tf_weights is not None and self.tf_weights.device != self.device:
+            self.tf_weights = self.tf_weights.to(self.device)
+        out = compute_losses(
+            self.net,
+            batch,
+            self.objectives,
+            self.label_sets,
+            step=self.global_step,
+            tf_weights=self.tf_weights,
+        )
         B = batch["x"].shape[0]
         train = prefix == "train"
         self.log_dict(
@@ -245,7 +278,7 @@ class ScPrintModule(L.LightningModule):
             batch_size=B,
             sync_dist=not train,
         )
-        if prefix == "val":  # the name ModelCheckpoint / schedulers monitor
+        if prefix == "val":  # the name ModelCheckpoint / schedulers / early stopping monitor
             self.log("val_loss", out["loss"].detach(), on_epoch=True, batch_size=B, sync_dist=True)
         return out["loss"]
 
@@ -276,31 +309,90 @@ class ScPrintModule(L.LightningModule):
             return self.net.cell_embedding(cell_states)
         return cell_states[:, [2 + names.index(n) for n in chosen]].mean(dim=1)
 
-    # ---- optimizer, written once ------------------------------------------------------
+    # ---- optimizer and schedule, written once --------------------------------------------
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            # weight matrices decay; biases, norms, embeddings and learned tokens do not
-            matrix = p.ndim >= 2 and "gene_encoder" not in name and "class_encoder" not in name
-            (decay if matrix else no_decay).append(p)
-        groups = [
-            {"params": decay, "weight_decay": self.optim.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        extra = {"momentum": 0.9} if self.optim.optimizer == "sgd" else {}
-        optimizer = OPTIMIZERS[self.optim.optimizer](groups, lr=self.optim.lr, **extra)
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
-        if total is None and self.optim.scheduler != "constant":
-            total = self.trainer.estimated_stepping_batches
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: self.optim.lr_factor(step, total)
+        """Upstream's: Adam(W) over every trainable parameter with weight decay, betas
+        (0.9, 0.999), eps 1e-8; the lr warms up in optimizer_step, then ReduceLROnPlateau
+        (stepped in on_validation_epoch_end). Ours, opt-in: decay on weight matrices only,
+        a cosine schedule."""
+        o = self.optim
+        params = [p for p in self.parameters() if p.requires_grad]
+        if o.decay_matrices_only:
+            matrix = {
+                id(p)
+                for name, p in self.named_parameters()
+                if p.ndim >= 2 and "gene_encoder" not in name and "class_encoder" not in name
+            }
+            groups = [
+                {"params": [p for p in params if id(p) in matrix]},
+                {"params": [p for p in params if id(p) not in matrix], "weight_decay": 0.0},
+            ]
+        else:
+            groups = [{"params": params}]
+        optimizer = OPTIMIZERS[o.optim](
+            groups,
+            lr=o.lr,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            weight_decay=o.weight_decay,
+            fused=o.fused_adam or None,
         )
+        if o.lr_schedule == "cosine":
+            total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
+            total = total or self.trainer.estimated_stepping_batches
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: o.cosine_factor(step, total)
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+            }
+        if o.lr_reduce_monitor is None:
+            return optimizer
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", patience=o.lr_reduce_patience, factor=o.lr_reduce_factor
+        )
+        # registered with Lightning so its state is checkpointed; stepped by
+        # on_validation_epoch_end only (lr_scheduler_step below ignores Lightning's call)
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+            "lr_scheduler": {
+                "scheduler": plateau,
+                "interval": "epoch",
+                "monitor": o.lr_reduce_monitor,
+                "strict": False,
+            },
         }
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            return  # once per validation loop, in on_validation_epoch_end
+        scheduler.step()
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Upstream's warm-up: the first warmup_duration steps set lr x (step + 1) / warmup."""
+        step = self.trainer.global_step
+        if self.optim.lr_schedule == "plateau" and step < self.optim.warmup_duration:
+            for group in optimizer.param_groups:
+                group["lr"] = self.optim.warmup_factor(step) * self.optim.lr
+        optimizer.step(closure=optimizer_closure)
+
+    def on_validation_epoch_end(self) -> None:
+        """ReduceLROnPlateau, once per validation loop (not the sanity check), on every rank
+        (the monitored value is synchronised): upstream steps it here on rank 0 only and
+        Lightning steps it again at the epoch's end."""
+        if self.trainer.sanity_checking or self.optim.lr_schedule != "plateau":
+            return
+        monitor = self.optim.lr_reduce_monitor
+        if monitor is None or not self.trainer.lr_scheduler_configs:
+            return
+        value = self.trainer.callback_metrics.get(monitor)
+        if value is None:
+            raise ValueError(
+                f"scprint_training.lr_reduce_monitor={monitor!r} was not logged in validation "
+                "(val_loss is): set lr_reduce_monitor to a logged metric, or null"
+            )
+        self.trainer.lr_scheduler_configs[0].scheduler.step(float(value))
 
     # ---- checkpoints ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
-
-
-def masked_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``values`` where ``weight`` is 1; 0 (still in the graph) where nothing counts."""
-    if weight is None:
-        return values.mean()
-    weight = weight.to(values.dtype)
-    return (values * weight).sum() / weight.sum().clamp(min=1.0)
 
 
 def zinb_nll(
@@ -60,7 +54,7 @@ def check_label_codes(classes: torch.Tensor, label_sets: dict[str, torch.Tensor]
     classes (B, C) codes in the column order of ``label_sets`` (-1 unknown). scdataloader's
     DataModule gives every code it emits a row (leaf, or a parent with its leaves), so such
     a code means the batch was encoded by other data than the model's classes and
-    hierarchy were built from. Unchecked, it is an IndexError in hierarchical_bce (a
+    hierarchy were built from. Unchecked, it is an IndexError in classification (a
     device-side assert on CUDA), or an infinite loss for a row with no leaves. Call it on
     the batch while it is still on the CPU: on an accelerator it would cost a sync.
     """
@@ -88,39 +82,88 @@ def check_label_codes(classes: torch.Tensor, label_sets: dict[str, torch.Tensor]
             )
 
 
-def parent_scores(logits: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
-    """Score of every label (leaves and parents): logsumexp of its leaves' logits. (B, K+P)."""
-    masked = logits[:, None, :].masked_fill(~sets[None], float("-inf"))  # (B, K+P, K)
-    return masked.logsumexp(-1)
+def classification(logits: torch.Tensor, labels: torch.Tensor, sets: torch.Tensor):
+    """Upstream's classification loss: BCE with logits over the (B, K) one-hot leaf matrix,
+    averaged over every element, unknown cells (code -1) included with weight 0.
 
-
-def hierarchical_bce(logits: torch.Tensor, labels: torch.Tensor, sets: torch.Tensor):
-    """Multi-label BCE where a parent label is right if any of its leaves is.
-
-    logits (B, K) leaf logits; labels (B,) codes, -1 unknown; sets (K+P, K) from label_sets.
-    The positive term scores the label as logsumexp over its leaves; every leaf outside the
-    label's set is a negative. Cells with unknown labels weigh 0 (but stay in the graph).
+    A cell labelled with a parent term (code >= K) is right if any of its leaves is: its
+    leaves leave the BCE (weight 0) and one extra column scores them together
+    (logsumexp of their logits, target 1); the other leaves stay negatives. The extra
+    column exists only when the batch has such a cell (then the mean is over B x (K + 1)).
+    logits (B, K); labels (B,) codes; sets (K + P, K) from label_sets.
     """
     logits = logits.float()
+    B, K = logits.shape
+    labels = labels.long()
     known = labels >= 0
-    target = sets[labels.clamp(min=0).long()]  # (B, K) leaves the label allows
-    pos_score = logits.masked_fill(~target, float("-inf")).logsumexp(-1)  # (B,)
-    pos = F.softplus(-pos_score)  # -log sigmoid(score)
-    neg = (F.softplus(logits) * ~target).sum(-1) / (~target).sum(-1).clamp(min=1)
-    return masked_mean(pos + neg, known)
+    leaf = known & (labels < K)
+    target = torch.zeros_like(logits)
+    target[leaf, labels[leaf]] = 1.0
+    weight = known[:, None].expand(B, K).to(logits.dtype)
+    parent = labels >= K
+    if parent.any():
+        rows = sets[labels.clamp(min=0)]  # (B, K) the leaves each code stands for
+        weight = weight.masked_fill(rows & parent[:, None], 0.0)
+        score = logits.masked_fill(~rows, torch.finfo(logits.dtype).min).logsumexp(-1)
+        logits = torch.cat([logits, score[:, None]], dim=1)
+        target = torch.cat([target, torch.ones_like(score)[:, None]], dim=1)
+        weight = torch.cat([weight, parent.to(logits.dtype)[:, None]], dim=1)
+    return F.binary_cross_entropy_with_logits(logits, target, weight=weight)
+
+
+def within_sample(cell_states: torch.Tensor) -> torch.Tensor:
+    """Upstream's emb_independence: the cell tokens of one cell (B, C, D) should point
+    different ways (squared cosine similarity of each pair) and lie apart (inverse of their
+    mean L2 distance / sqrt(D)); the diagonal counts as 0 in both means."""
+    B, C, D = cell_states.shape
+    x = cell_states.float()
+    unit = F.normalize(x, p=2, dim=-1)
+    cos = unit @ unit.transpose(1, 2)  # (B, C, C)
+    dist = torch.cdist(x, x, p=2) / math.sqrt(D)  # (B, C, C)
+    off = 1.0 - torch.eye(C, device=x.device)
+    cos_term = (cos * off).pow(2).mean()
+    dist_term = 1.0 / (dist * off + 1e-3).mean()
+    return 0.5 * cos_term + 0.5 * dist_term
 
 
 def contrastive(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Cell contrastive (CCE): two views of a cell attract, other cells of the batch repel."""
-    z1, z2 = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
-    logits = z1 @ z2.T / temperature  # (B, B)
-    target = torch.arange(z1.shape[0], device=z1.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    """CCE (InfoNCE, one way): cell i of the first pass should be most similar (cosine /
+    temperature) to cell i of the second, among all cells of the batch."""
+    sim = F.cosine_similarity(z1.float()[:, None], z2.float()[None], dim=2) / temperature
+    return F.cross_entropy(sim, torch.arange(z1.shape[0], device=z1.device))
 
 
-def elastic_cell_similarity(z: torch.Tensor, threshold: float) -> torch.Tensor:
-    """ECS: push cosine similarities of different cells away from ``threshold``."""
-    z = F.normalize(z.float(), dim=-1)
-    sim = (z @ z.T).clamp(min=0)  # (B, B)
-    off_diagonal = ~torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
-    return masked_mean(1 - (sim - threshold) ** 2, off_diagonal)
+def ecs(z: torch.Tensor, threshold: float) -> torch.Tensor:
+    """ECS: mean over every pair of cells (the diagonal counted as similarity 0) of
+    1 - (relu(cosine) - threshold)^2: positive similarities are pushed away from the
+    threshold."""
+    unit = F.normalize(z.float(), p=2, dim=1)
+    sim = unit @ unit.T  # (B, B)
+    sim = sim.masked_fill(torch.eye(z.shape[0], dtype=torch.bool, device=z.device), 0.0).relu()
+    return (1 - (sim - threshold) ** 2).mean()
+
+
+def zinb_mean_mse(decoded: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """zinb_and_mse's extra term (before its / 10): MSE between the expected non-dropout
+    log expression and log(1 + x), each log2(1 + .)-transformed and scaled to sum 10,000
+    per cell, as upstream's loss.mse."""
+    expected = torch.log(decoded["mean"] + 1) * (1 - torch.sigmoid(decoded["pi_logit"]))
+    a, b = torch.log2(expected + 1), torch.log2(torch.log(target.float() + 1) + 1)
+    a = a / a.sum(1, keepdim=True) * 10_000
+    b = b / b.sum(1, keepdim=True) * 10_000
+    return F.mse_loss(a, b)
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.neg()
+
+
+def grad_reverse(x: torch.Tensor) -> torch.Tensor:
+    """Identity forward, negated gradient backward (adversarial losses)."""
+    return _GradReverse.apply(x)

@@ -450,11 +450,14 @@ class ScPrint(nn.Module):
         genes: torch.Tensor,
         cell_states: torch.Tensor,  # (B, C, D) from encode
         identity: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Upstream's _generate: gene tokens WITHOUT expression + cell token states -> (B, L, D)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upstream's _generate: cell token states + gene tokens WITHOUT expression through
+        the transformer again -> (cell token states (B, C, D), gene token states (B, L, D))."""
         _, ident = self.gene_identity(genes) if identity is None else identity
         tokens = torch.cat([cell_states.to(ident.dtype), ident], dim=1)  # (B, T, D)
-        return self.transformer(tokens)[:, cell_states.shape[1] :]
+        h = self.transformer(tokens)
+        C = cell_states.shape[1]
+        return h[:, :C], h[:, C:]
 
     def decode_expression(self, gene_states: torch.Tensor, library: torch.Tensor) -> dict:
         """(B, L, D) -> mean, theta (dispersion), pi_logit: each (B, L)."""

@@ -27,14 +27,19 @@ import sys
 import warnings
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    StochasticWeightAveraging,
+)
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
 from scprint.io import StageError
 from scprint.model.lightning import ScPrintModule
 from scprint.trainer.datamodule import ScprintDataModule
-from scprint.trainer.trainer import TrainingMode
+from scprint.trainer.trainer import RENAMED, TrainingMode
 from scprint.trainer.validation import ValidationMetrics
 from scprint.trainer.watch import WatchModel
 
@@ -66,6 +71,13 @@ class ScprintCLI(LightningCLI):
             help="start from this checkpoint's weights (ours or upstream scPRINT's), genes and "
             "classes reconciled with the data; fresh optimizer and step (scprint.model.init_from)",
         )
+        # upstream's groups: early stopping on val_loss (patience 5), an lr monitor, TrainingMode
+        parser.add_lightning_class_args(EarlyStopping, "scprint_early_stopping")
+        parser.set_defaults(
+            {"scprint_early_stopping.monitor": "val_loss", "scprint_early_stopping.patience": 5}
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "scprint_learning_rate_monitor")
+        parser.set_defaults({"scprint_learning_rate_monitor.logging_interval": "epoch"})
         parser.add_lightning_class_args(TrainingMode, "scprint_training")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ValidationMetrics, "validation")
@@ -103,6 +115,10 @@ class ScprintCLI(LightningCLI):
                 "precision %s needs a GPU; none here: training in 32-true", trainer.precision
             )
             trainer.precision = "32-true"
+        if cfg.data.gene_embeddings is None and cfg.model.freeze_embeddings:
+            # upstream freezes only a table read from embeddings; a random one is learned
+            log.info("data.gene_embeddings is null: the gene table starts at random and is learned")
+            cfg.model.freeze_embeddings = False
         matmul = cfg.set_float32_matmul_precision
         if matmul not in (None, False):
             value = "high" if matmul is True else str(matmul)
@@ -121,7 +137,7 @@ class ScprintCLI(LightningCLI):
                 os.environ.setdefault("WANDB_MODE", "offline")
                 if cfg.project is not None:
                     init.project = cfg.project
-            if cfg.scprint_training.name is not None and "name" in init:
+            if cfg.scprint_training.name and "name" in init:
                 init.name = cfg.scprint_training.name
 
     def _watch(self) -> None:
@@ -166,9 +182,9 @@ class ScprintCLI(LightningCLI):
         self.model.init_from_report = init_from_checkpoint(self.model, cfg.init_from)
 
     def _check_swa(self) -> None:
-        """Lightning's StochasticWeightAveraging replaces our step-wise schedule at
-        swa_epoch_start with SWALR annealing towards swa_lrs: above the lr, training that
-        was converging is pushed up (upstream's docs: 0.03, 300x their lr)."""
+        """Lightning's StochasticWeightAveraging replaces the lr schedule at swa_epoch_start
+        with SWALR annealing towards swa_lrs: above the lr, training that was converging is
+        pushed up (upstream's docs: 0.03, 300x their lr)."""
         lr = self._cfg.scprint_training.lr
         for callback in self.trainer.callbacks:
             if not isinstance(callback, StochasticWeightAveraging):
@@ -178,10 +194,10 @@ class ScprintCLI(LightningCLI):
             if highest is not None and highest > lr:
                 log.warning(
                     "StochasticWeightAveraging(swa_lrs=%s): from swa_epoch_start=%s on, Lightning "
-                    "replaces the warmup + %s schedule with SWALR, which raises the lr to %s "
+                    "replaces the warm-up + %s schedule with SWALR, which raises the lr to %s "
                     "(%.0fx scprint_training.lr=%s); set swa_lrs at or below the lr, or drop "
                     "the callback",
-                    swa_lrs, callback._swa_epoch_start, self._cfg.scprint_training.scheduler,
+                    swa_lrs, callback._swa_epoch_start, self._cfg.scprint_training.lr_schedule,
                     highest, highest / lr, lr,
                 )  # fmt: skip
 
@@ -209,10 +225,35 @@ def plain_config(cfg) -> dict:
     return json.loads(json.dumps(cfg.clone().as_dict(), default=str))
 
 
+def check_renamed_keys(argv: list[str]) -> None:
+    """An old config of ours (or a command line) with a renamed scprint_training key gets
+    an error naming the new key, before jsonargparse's generic "does not accept option"."""
+    import yaml
+
+    found: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--scprint_training."):
+            found.append(arg.split("=", 1)[0].removeprefix("--scprint_training."))
+        if arg in ("--config", "-c") and i + 1 < len(argv) and os.path.isfile(argv[i + 1]):
+            with open(argv[i + 1]) as f:
+                section = (yaml.safe_load(f) or {}).get("scprint_training") or {}
+            if isinstance(section, dict):
+                found += list(section.get("init_args", section))
+    old = [key for key in found if key in RENAMED]
+    if old:
+        raise StageError(
+            "scprint_training keys of an earlier version of this pipeline: "
+            + "; ".join(f"{key} -> {RENAMED[key]}" for key in old)
+            + " (scprint_training now takes upstream scPRINT 2.3.8's TrainingMode keys: "
+            "docs/training.md)"
+        )
+
+
 def build_cli(
     argv: list[str], run: bool = True, cli_class: type[ScprintCLI] = ScprintCLI
 ) -> ScprintCLI:
     """Parse ``argv`` (subcommand first), build everything and, with ``run``, run it."""
+    check_renamed_keys(list(argv))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
