@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from scprint.model.lightning import OptimParams, ScPrintModule
+from scprint.model.lightning import Optimization, ScPrintModule
 from scprint.trainer.trainer import TrainingMode
 
 torch.set_num_threads(1)
@@ -42,7 +42,7 @@ def module(**kw) -> ScPrintModule:
     return ScPrintModule(**{**args, **kw})
 
 
-def fit(mode: TrainingMode | None, steps=2, model_kw=None, **trainer_kw):
+def fit(mode: TrainingMode | None, steps=2, model_kw=None, val_dataloaders=None, **trainer_kw):
     model = module(**(model_kw or {}))
     trainer = L.Trainer(
         max_steps=steps,
@@ -54,7 +54,7 @@ def fit(mode: TrainingMode | None, steps=2, model_kw=None, **trainer_kw):
         **trainer_kw,
     )
     L.seed_everything(0, verbose=False)
-    trainer.fit(model, DataLoader(batches(), batch_size=None))
+    trainer.fit(model, DataLoader(batches(), batch_size=None), val_dataloaders)
     return model, trainer
 
 
@@ -63,46 +63,62 @@ def flat_params(model) -> torch.Tensor:
 
 
 # key -> (base overrides, changed value): the base makes the key matter
+MASK = {"mask_ratio": [0.3]}
 TRAINING_KEYS = {
     "lr": ({}, 1e-2),
-    "optimizer": ({}, "sgd"),
+    "optim": ({}, "adam"),
     "weight_decay": ({"lr": 1e-2}, 0.5),
-    "warmup_steps": ({}, 5),
-    "scheduler": ({}, "constant"),
-    "min_lr_ratio": ({}, 0.9),
+    "warmup_duration": ({}, 1),
     "noise": ({}, [0.2]),
+    "do_denoise": (MASK, False),
     "mask_ratio": ({}, [0.4]),
+    "run_full_forward": ({}, True),
     "do_generate": ({}, False),
     "do_cls": ({}, False),
+    "class_scale": ({}, 3.0),
+    "class_embd_diss_scale": ({}, 3.0),
+    "do_adv_cls": ({}, True),
+    "adv_class_scale": ({"do_adv_cls": True}, 3.0),
     "do_mvc": ({}, True),
-    "do_cce": ({"mask_ratio": [0.3]}, True),
-    "do_ecs": ({}, True),
-    "denoise_scale": ({}, 3.0),
-    "mask_scale": ({"mask_ratio": [0.3]}, 3.0),
-    "generate_scale": ({}, 3.0),
-    "cls_scale": ({}, 3.0),
     "mvc_scale": ({"do_mvc": True}, 3.0),
-    "cce_scale": ({"mask_ratio": [0.3], "do_cce": True}, 3.0),
+    "do_cce": (MASK, True),
+    "cce_scale": ({**MASK, "do_cce": True}, 3.0),
+    "cce_temp": ({**MASK, "do_cce": True}, 0.05),
+    "do_ecs": ({}, True),
     "ecs_scale": ({"do_ecs": True}, 3.0),
-    "cce_temp": ({"mask_ratio": [0.3], "do_cce": True}, 0.05),
     "ecs_threshold": ({"do_ecs": True}, 0.9),
+    "zinb_and_mse": ({}, True),
+    "dropout": ({}, 0.5),
+    "lr_schedule": ({"warmup_duration": 1}, "cosine"),
+    "min_lr_ratio": ({"warmup_duration": 1, "lr_schedule": "cosine"}, 0.9),
+    "decay_matrices_only": ({"lr": 1e-2, "weight_decay": 0.5}, True),
 }
+# covered elsewhere: name (test_fit: logger run name); var_context_length (acts above 400
+# tokens: test_upstream_losses "context"); the plateau keys, fused_adam, tf_list and the
+# refused and recorded-only keys below
+OTHER_KEYS = {
+    "name", "var_context_length", "lr_reduce_patience", "lr_reduce_factor",
+    "lr_reduce_monitor", "fused_adam", "tf_list", "do_next_tp", "do_adv_batch",
+    "test_every", "set_step",
+}  # fmt: skip
 
 
 def test_every_training_key_is_covered():
     import inspect
 
-    from scprint.trainer.trainer import UPSTREAM_REFUSED
-
-    keys = set(inspect.signature(TrainingMode.__init__).parameters) - {"self", "name"}
-    # `name` is covered in test_fit (logger run name); refused keys below
-    assert keys == set(TRAINING_KEYS) | set(UPSTREAM_REFUSED)
+    keys = set(inspect.signature(TrainingMode.__init__).parameters) - {"self"}
+    assert keys == set(TRAINING_KEYS) | OTHER_KEYS, keys ^ (set(TRAINING_KEYS) | OTHER_KEYS)
 
 
-@pytest.mark.parametrize("key", ["run_full_forward", "zinb_and_mse", "var_context_length"])
-def test_upstream_training_keys_we_lack_are_refused_by_name(key):
-    with pytest.raises(ValueError, match=f"scprint_training.{key}=True is not supported"):
+@pytest.mark.parametrize("key", ["do_next_tp", "do_adv_batch"])
+def test_upstream_keys_that_cannot_act_are_refused_by_name(key):
+    with pytest.raises(ValueError, match=f"scprint_training.{key}=true: upstream scPRINT 2.3.8"):
         TrainingMode(**{key: True})
+
+
+def test_recorded_keys_are_kept_in_the_callback_state():
+    state = TrainingMode(test_every=3, set_step=7, name="run").state_dict()
+    assert (state["test_every"], state["set_step"], state["name"]) == (3, 7, "run")
 
 
 @pytest.mark.parametrize("key", sorted(TRAINING_KEYS))
@@ -116,16 +132,85 @@ def test_training_key_changes_training(key):
     assert not torch.equal(a, b), f"scprint_training.{key} had no effect"
 
 
-def test_scheduler_steps_once_per_step_with_warmup_then_cosine():
-    mode = TrainingMode(lr=1e-3, warmup_steps=2, scheduler="cosine", min_lr_ratio=0.1)
+def test_warmup_is_upstreams_then_the_lr_holds():
+    """lr x (step + 1) / warmup_duration on the first steps, then lr (upstream's
+    optimizer_step), with no scheduler step in between (no validation ran)."""
+    model, trainer = fit(TrainingMode(lr=1e-3, warmup_duration=4), steps=2)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 2 / 4)
+    model, trainer = fit(TrainingMode(lr=1e-3, warmup_duration=2), steps=5)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+class RecordValidation(L.Callback):
+    """val_loss and the lr after each validation loop (after the module's own hook)."""
+
+    def __init__(self):
+        self.val_loss, self.lr = [], []
+
+    def on_validation_end(self, trainer, pl_module):
+        self.val_loss.append(float(trainer.callback_metrics["val_loss"]))
+        self.lr.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_plateau_steps_once_per_validation_on_val_loss():
+    """ReduceLROnPlateau (patience 0, factor 0.5) on val_loss, validating after every
+    step: the lr after each loop is what one scheduler step per loop gives on the logged
+    val_loss (Lightning's own epoch-end step would be a second one)."""
+    mode = TrainingMode(lr=0.1, warmup_duration=0, lr_reduce_patience=0, lr_reduce_factor=0.5)
+    record = RecordValidation()
+    val = DataLoader(batches(1, seed=5), batch_size=None)
+    model = module()
+    trainer = L.Trainer(
+        max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[mode, record], val_check_interval=1,
+        num_sanity_val_steps=0, limit_train_batches=3,
+    )  # fmt: skip
+    L.seed_everything(0, verbose=False)
+    trainer.fit(model, DataLoader(batches(), batch_size=None), val)
+    assert isinstance(
+        trainer.lr_scheduler_configs[0].scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau
+    )
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(reference, patience=0, factor=0.5)
+    expected = []
+    for value in record.val_loss:
+        plateau.step(value)
+        expected.append(reference.param_groups[0]["lr"])
+    assert len(record.lr) == 6  # two epochs of 3 steps: Lightning's epoch end steps nothing
+    assert record.lr == pytest.approx(expected)
+    assert min(record.lr) < 0.1, record.val_loss  # the schedule acted
+
+
+def test_no_monitor_means_constant_lr_after_warmup():
+    model, trainer = fit(TrainingMode(lr_reduce_monitor=None, warmup_duration=0), steps=2)
+    assert not trainer.lr_scheduler_configs
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+def test_cosine_schedule_steps_once_per_step_after_warmup():
+    mode = TrainingMode(lr=1e-3, warmup_duration=2, lr_schedule="cosine", min_lr_ratio=0.1)
     model, trainer = fit(mode, steps=5)
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.last_epoch == 5
     lr = trainer.optimizers[0].param_groups[0]["lr"]
-    progress = (5 - 2) / (5 - 2)
-    expected = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    expected = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 1.0)))
     assert lr == pytest.approx(expected)
-    assert OptimParams(lr=1, warmup_steps=4).lr_factor(0, 10) == pytest.approx(0.25)
+    assert Optimization(lr=1, warmup_duration=4).warmup_factor(0) == pytest.approx(0.25)
+
+
+def test_fused_adam_reaches_the_optimizer():
+    _, trainer = fit(TrainingMode(fused_adam=True), steps=1)
+    assert trainer.optimizers[0].defaults["fused"] is True
+
+
+def test_tf_list_weights_tfs_for_tf_masking(tmp_path):
+    (tmp_path / "tfs.txt").write_text("G3\nG7\n")
+    model, _ = fit(TrainingMode(mask_ratio=["TF"], tf_list=str(tmp_path / "tfs.txt")), steps=1)
+    weights = model.tf_weights.cpu()
+    assert weights[3] == weights[7] == 1.0 and weights[0] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="none of its 1 ids is a gene of the model"):
+        (tmp_path / "bad.txt").write_text("Klf9\n")
+        fit(TrainingMode(mask_ratio=["TF"], tf_list=str(tmp_path / "bad.txt")), steps=1)
 
 
 def test_callback_freezes_unused_modules_and_optimizer_skips_them():
@@ -136,20 +221,24 @@ def test_callback_freezes_unused_modules_and_optimizer_skips_them():
     assert all(id(p) in in_optimizer for p in model.parameters() if p.requires_grad)
 
 
-def test_weight_decay_only_on_weight_matrices():
+def test_weight_decay_on_every_parameter_as_upstream_or_matrices_only():
     model, trainer = fit(TrainingMode(weight_decay=0.3), steps=1)
+    (group,) = trainer.optimizers[0].param_groups
+    assert group["weight_decay"] == 0.3
+    assert any(p is model.net.class_encoder.embedding.weight for p in group["params"])
+    model, trainer = fit(TrainingMode(weight_decay=0.3, decay_matrices_only=True), steps=1)
     decayed, plain = trainer.optimizers[0].param_groups
     assert decayed["weight_decay"] == 0.3 and plain["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in decayed["params"])
-    assert any(p is model.net.class_encoder.embedding.weight for p in plain["params"])
 
 
-def test_losses_are_logged_by_name():
-    _, trainer = fit(TrainingMode(mask_ratio=[0.3], do_mvc=True, do_ecs=True), steps=1)
+def test_losses_are_logged_by_upstreams_names():
+    mode = TrainingMode(mask_ratio=[0.3], do_mvc=True, do_ecs=True, do_cce=True)
+    _, trainer = fit(mode, steps=1)
     logged = set(trainer.callback_metrics)
-    for name in ("denoise", "mask", "generate", "cls", "mvc", "ecs", "loss"):
-        assert f"train/{name}" in logged
-    assert "train/cls/cell_type" in logged
+    for name in ("mask_30%_expr", "mask_30%_cls", "mask_30%_expr_mvc", "denoise_60%_expr",
+                 "denoise_60%_ecs", "gen_expr", "gen_emb_independence", "cce", "loss"):  # fmt: skip
+        assert f"train/{name}" in logged, sorted(logged)
 
 
 # model key -> changed value; each changes the parameters' shapes or the outputs

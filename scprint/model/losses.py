@@ -55,7 +55,7 @@ def check_label_codes(classes: torch.Tensor, label_sets: dict[str, torch.Tensor]
     DataModule gives every code it emits a row (leaf, or a parent with its leaves), so such
     a code means the batch was encoded by other data than the model's classes and
     hierarchy were built from. Unchecked, it is an IndexError in classification (a
-    device-side assert on CUDA), or an infinite loss for a row with no leaves. Call it on
+    device-side assert on CUDA), or a ~1e38 loss for a row with no leaves. Call it on
     the batch while it is still on the CPU: on an accelerator it would cost a sync.
     """
     for column, (name, sets) in enumerate(label_sets.items()):
