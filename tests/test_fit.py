@@ -174,7 +174,7 @@ TRAIN_RUN_ARGS = [
     "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
     "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
     "--trainer.logger.save_dir", "logs/csv", "--wandblog", "null",
-    "--scprint_training.warmup_steps", "2",
+    "--scprint_training.warmup_duration", "2",
 ]  # fmt: skip
 
 
@@ -189,7 +189,7 @@ def test_train_run_writes_summary_and_resumes(workdir):
     assert first["config"]["data"]["collection_name"] == "tiny"
     assert (workdir / "logs/csv/tinyrun").is_dir()  # run name -> logger run name
     state = load(workdir / "checkpoints/tinyrun/last.ckpt")
-    assert state["lr_schedulers"][0]["last_epoch"] == 3
+    assert state["lr_schedulers"][0]["last_epoch"] == 1  # ReduceLROnPlateau: one validation
 
     # Snakemake deletes a job's outputs before rerunning it: the resume point must survive
     (workdir / "checkpoints/tinyrun/last.ckpt").unlink()
@@ -200,7 +200,7 @@ def test_train_run_writes_summary_and_resumes(workdir):
     assert second["resumed_from"].endswith("checkpoints/tinyrun/state/last.ckpt")
     state = load(workdir / "checkpoints/tinyrun/last.ckpt")
     assert state["global_step"] == 6
-    assert state["lr_schedulers"][0]["last_epoch"] == 6  # once per step, continued
+    assert state["lr_schedulers"][0]["last_epoch"] == 2  # once per validation, continued
     adam_steps = {int(s["step"]) for s in state["optimizer_states"][0]["state"].values()}
     assert adam_steps == {6}  # optimizer state carried over, not restarted
 

@@ -117,7 +117,7 @@ def test_bf16_lightning_training_with_flash_learns_and_reloads_on_cpu(tmp_path):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[TrainingMode(lr=3e-3, warmup_steps=10, scheduler="constant"), log],
+        callbacks=[TrainingMode(lr=3e-3, warmup_duration=10, lr_reduce_monitor=None), log],
     )
     trainer.fit(module, DataLoader(data * 100, batch_size=None))
     assert all(torch.isfinite(torch.tensor(log.losses)))

@@ -144,7 +144,7 @@ def test_training_continues_with_a_fresh_optimizer_and_step(source_ckpt, tmp_pat
     start = dst.net.transformer.blocks[0].mixer.Wqkv.weight.detach().clone()
     trainer = L.Trainer(
         max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[TrainingMode(lr=1e-2, warmup_steps=0)],
+        enable_model_summary=False, callbacks=[TrainingMode(lr=1e-2, warmup_duration=0)],
     )  # fmt: skip
     trainer.fit(dst, DataLoader(batches(len(DST_GENES)), batch_size=None))
     assert trainer.global_step == 3

@@ -290,7 +290,7 @@ def test_history_survives_a_resume(tmp_path):
         trainer = L.Trainer(
             max_steps=steps, val_check_interval=1, num_sanity_val_steps=1, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[TrainingMode(scheduler="constant"), cb],
+            callbacks=[TrainingMode(lr_reduce_monitor=None), cb],
         )  # fmt: skip
         data = DataLoader(batches(n=2), batch_size=None)
         trainer.fit(module(), data, data, ckpt_path=ckpt_path)
