@@ -49,3 +49,34 @@ def test_env_pins_agree_with_constraints_and_pyproject(env):
         assert pinned.get(normalise(name)) == version, (
             f"{env.name} pins {requirement}, constraints.txt {name}=={pinned.get(normalise(name))}"
         )
+
+
+SYSTEM_PACKAGES = REPO / "tests" / "system-packages.sh"
+
+
+def system_packages(packages: str, as_nobody: bool = False, **env: str):
+    """tests/system-packages.sh (what `make test` runs first) for ``packages``."""
+    import os
+    import subprocess
+
+    command = ["bash", str(SYSTEM_PACKAGES)]
+    if as_nobody and os.geteuid() == 0:
+        command = ["runuser", "-u", "nobody", "--", *command]
+    environ = {"PATH": os.environ["PATH"], "SCPRINT_SYSTEM_PACKAGES": packages, **env}
+    return subprocess.run(command, env=environ, capture_output=True, text=True, timeout=60)
+
+
+def test_system_packages_already_installed_is_a_no_op():
+    done = system_packages("bash coreutils")  # installed everywhere the script can run
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+
+
+def test_system_packages_it_cannot_install_are_named_in_one_line_and_fail_only_in_ci():
+    missing = "bash scprint-no-such-package"
+    outside_ci = system_packages(missing, as_nobody=True)
+    assert outside_ci.returncode == 0, outside_ci.stderr
+    lines = outside_ci.stderr.splitlines()
+    assert len(lines) == 1 and "scprint-no-such-package), " in lines[0]  # not root / no apt
+    assert "apt-get install -y scprint-no-such-package" in lines[0]
+    ci = system_packages(missing, as_nobody=True, SCPRINT_REQUIRE_SYSTEM_PACKAGES="1")
+    assert ci.returncode == 1 and ci.stderr == outside_ci.stderr
