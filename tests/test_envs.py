@@ -80,3 +80,32 @@ def test_system_packages_it_cannot_install_are_named_in_one_line_and_fail_only_i
     assert "apt-get install -y scprint-no-such-package" in lines[0]
     ci = system_packages(missing, as_nobody=True, SCPRINT_REQUIRE_SYSTEM_PACKAGES="1")
     assert ci.returncode == 1 and ci.stderr == outside_ci.stderr
+
+
+def test_every_pin_is_required_by_the_project_or_its_dependencies():
+    """A pin that nothing installed requires (a dependency dropped, its pins kept) fails."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+
+    required: set[str] = set()
+    todo = [Requirement("scprint-pipeline[dev,cuda]")]
+    while todo:
+        requirement = todo.pop()
+        name, extras = normalise(requirement.name), sorted(requirement.extras)
+        if (name, *extras) in required:
+            continue
+        try:
+            dist = distribution(requirement.name)
+        except PackageNotFoundError:
+            continue  # e.g. flash-attn (the cuda extra) on a machine without a GPU
+        required |= {name, (name, *extras)}
+        for line in dist.requires or []:
+            sub = Requirement(line)
+            if sub.marker is None or any(
+                sub.marker.evaluate({**default_environment(), "extra": e}) for e in ["", *extras]
+            ):
+                todo.append(sub)
+    unused = sorted(set(constraints()) - required)
+    assert not unused, f"constraints.txt pins {unused}, which nothing installed requires"
