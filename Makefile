@@ -20,8 +20,11 @@ demo: $(VENV)/.installed
 	snakemake --profile profiles/local --configfile=config/demo.yaml all
 	snakemake --profile profiles/local --configfile=config/demo.yaml --report report.html
 
-# the seed venv (below) holds upstream scPRINT for tests/test_upstream_*.py
+# the seed venv (below) holds upstream scPRINT for tests/test_upstream_*.py; the system
+# packages (Slurm, munge, Chromium) are installed as root with apt-get, else named and the
+# tests that need them skip (tests/system-packages.sh)
 test: $(VENV)/.installed $(SEED_VENV)/.installed
+	tests/system-packages.sh
 	python -m pytest
 
 lint: $(VENV)/.installed

@@ -257,10 +257,11 @@ def test_bad_inputs_are_refused_or_logged(demo, tmp_path, caplog):
 
 def test_flash_checkpoint_runs_with_sdpa_on_cpu(demo, tmp_path):
     from scprint.model import readout
+    from scprint.model.checkpoint import load_checkpoint
 
     checkpoint = torch.load(demo["ckpt"], weights_only=False)
     checkpoint["hyper_parameters"]["transformer"] = "flash"
     torch.save(checkpoint, tmp_path / "flash.ckpt")
-    module = readout.load(tmp_path / "flash.ckpt", "cpu")
+    module = load_checkpoint(tmp_path / "flash.ckpt", "cpu")
     assert module.hparams.transformer == "sdpa" and module.net.cfg.attention == "sdpa"
     assert len(readout.lora_targets(module.net)) == 4 * 2  # Wqkv, out_proj, fc1, fc2 x 2

@@ -168,3 +168,114 @@ def _has_lxml() -> bool:
     except ImportError:
         return False
     return True
+
+
+# -- the report at the scale of a real run -------------------------------------------------
+
+N_DATASETS, N_STEPS = 1500, 100_000
+MAX_PNG_BYTES = 800_000  # each figure; measured: ~375 KB for the training curves
+MAX_TABLE_BYTES = 1_000_000  # the 1,500-row dataset table; measured: ~0.5 MB
+# snakemake --report embeds every item base64-encoded (x4/3) in report.html: at most this
+MAX_REPORT_BYTES = 6_000_000
+
+
+def run_report(module, argv: list) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    module.run(parser.parse_args(list(map(str, argv))))
+
+
+def check_figure(path) -> None:
+    import matplotlib.image
+
+    assert path.stat().st_size <= MAX_PNG_BYTES, (path.name, path.stat().st_size)
+    image = matplotlib.image.imread(path)
+    assert 200 < image.shape[0] < 3000 and 200 < image.shape[1] < 3000, image.shape
+    assert image.std() > 0
+
+
+@pytest.fixture(scope="module")
+def large_run(tmp_path_factory):
+    """What 1,500 preprocessed datasets and 100,000 logged training steps leave behind:
+    the preprocess JSONs, the metrics CSV and summary; and the counts and genes per cell of
+    each dataset (what the QC figure reads from 1,500 h5ad files, kept in memory here:
+    writing and reading the files would take a minute)."""
+    root = tmp_path_factory.mktemp("large_run")
+    rng = np.random.default_rng(0)
+    qc = {}
+    for i in range(N_DATASETS):
+        name = f"dataset-{i:04d}-{'x' * (i % 40)}"
+        cells = int(rng.integers(50, 200_000))
+        kept = int(cells * rng.uniform(0.3, 1.0))
+        counts = rng.lognormal(np.log(rng.uniform(500, 20_000)), 0.5, 200)
+        qc[name] = (counts, counts / rng.uniform(2, 5))
+        report = {
+            "dataset": name, "organism": "NCBITaxon:9606", "counts_from": "X",
+            "cells": {"before": cells, "after": kept, "dropped": {"too few genes": cells - kept}},
+            "genes": {"before": 30_000, "known_to_registry": 29_000, "after": 60_000},
+        }  # fmt: skip
+        (root / f"{name}.json").write_text(json.dumps(report))
+    steps = np.arange(1, N_STEPS + 1)
+    terms = ["zinb", "mask", "cls", "ecs", "cce", "emb_independence", "adv_cls"]
+    train = {"step": steps, "train/loss": 8 * np.exp(-steps / 3e4) + rng.normal(0, 0.3, N_STEPS)}
+    train |= {f"train/{t}": np.exp(-steps / 4e4) + rng.normal(0, 0.1, N_STEPS) for t in terms}
+    train |= {"train/cells_per_s": rng.normal(2000, 100, N_STEPS), "lr-AdamW": steps * 1e-9}
+    at = np.arange(1000, N_STEPS + 1, 1000)
+    val = {"step": at, "val/loss": 7 * np.exp(-at / 3e4), "val/acc": 1 - np.exp(-at / 2e4)}
+    val["val_loss"] = val["val/loss"]  # what ModelCheckpoint monitors: the same metric
+    val |= {f"val/{t}": np.exp(-at / 4e4) for t in terms}
+    classes = ["cell_type", "tissue", "disease", "assay", "sex", "organism", "ethnicity", "age"]
+    val |= {f"val/acc/{c}_ontology_term_id": rng.uniform(0.3, 1) * val["val/acc"] for c in classes}
+    val |= {"val/knn/cell_type_ontology_term_id": val["val/acc"], "val/denoise": at / 1e6}
+    frame = pd.concat([pd.DataFrame(train), pd.DataFrame(val)]).sort_values("step")
+    frame.to_csv(root / "metrics.csv", index=False)
+    (root / "summary.json").write_text(json.dumps({"run": "large", "steps": N_STEPS}))
+    return root, qc
+
+
+def test_report_of_1500_datasets_and_100000_steps_stays_legible_and_small(large_run):
+    from scprint.report import datasets, training
+
+    large_run, qc = large_run
+    out = large_run / "out"
+    run_report(
+        datasets,
+        ["--reports", *sorted(large_run.glob("dataset-*.json")),
+         "--table", out / "table.html", "--cells", out / "cells.png", "--qc", out / "qc.png"],
+    )  # fmt: skip
+    datasets.plot_distributions(list(qc), list(qc.values()), out / "qc.png")
+    run_report(
+        training,
+        ["--summary", large_run / "summary.json", "--metrics", large_run / "metrics.csv",
+         "--curves", out / "curves.png", "--lr-throughput", out / "lr.png",
+         "--table", out / "checkpoint.html"],
+    )  # fmt: skip
+    for png in ("cells.png", "qc.png", "curves.png", "lr.png"):
+        check_figure(out / png)
+    table = (out / "table.html").read_text()
+    assert table.count("<tr") == N_DATASETS + 1 and "<script>" in table  # every row, sortable
+    assert (out / "table.html").stat().st_size <= MAX_TABLE_BYTES
+    items = sum(p.stat().st_size for p in out.iterdir())
+    assert items * 4 / 3 <= MAX_REPORT_BYTES, items
+
+
+def test_training_panels_group_metrics_by_name_and_show_one_name_per_metric():
+    from scprint.report.training import metric_columns, panel_of
+
+    frame = pd.DataFrame(
+        columns=["step", "epoch", "train/loss", "val/loss", "val_loss", "train/emb_independence",
+                 "val/acc", "val/acc/cell_type", "val/knn/cell_type", "val/denoise/reco2full",
+                 "train/cells_per_s", "lr-AdamW", "train/expr"]
+    )  # fmt: skip
+    columns = metric_columns(frame)
+    assert "val_loss" not in columns and "val/loss" in columns
+    assert "train/emb_independence" in columns  # an underscore in a term is not an alias
+    panels = {c: panel_of(c) for c in columns}
+    assert panels["train/loss"] == panels["val/loss"] == "loss"
+    assert panels["train/emb_independence"] == "loss/emb_independence"
+    assert panels["train/expr"] == "loss/expr"  # a new term gets its own panel
+    assert panels["val/acc"] == panels["val/acc/cell_type"] == "acc"
+    assert panels["val/knn/cell_type"] == "knn" and panels["val/denoise/reco2full"] == "denoise"
+    assert panels["train/cells_per_s"] is None and panels["lr-AdamW"] is None

@@ -86,8 +86,7 @@ ASSAY = "EFO:0009922"  # 10x 3' v3
 def demo_genes(organism: str, n_genes: int, seed: int):
     """A fixed random sample of protein-coding genes with coordinates, in genome order."""
 
-    from scprint.data.organisms import gene_coordinates_path, gene_table
-    from scprint.embeddings.positions import read_coordinates
+    from scprint.data.organisms import gene_coordinates_path, gene_table, read_coordinates
 
     genes = gene_table(organism).rename(
         columns={"ensembl_gene_id": "gene_id", "id_version": "version"}

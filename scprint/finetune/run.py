@@ -37,6 +37,7 @@ import torch
 from scprint.finetune.lora import LoraSettings
 from scprint.io import StageError, atomic_path, write_json
 from scprint.model import readout
+from scprint.model.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -275,7 +276,7 @@ def finetune(
     if not Path(checkpoint).exists():
         raise StageError(f"checkpoint {checkpoint} does not exist: train one (`scprint fit`)")
     device = _device(train)
-    module = readout.load(checkpoint, device)
+    module = load_checkpoint(checkpoint, device)
     genes = list(module.hparams.genes)  # in the order of the network's gene indices
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
     saved = saved.get("scprint") or {}

@@ -3,33 +3,13 @@
 Everything outside the network that needs its outputs or its layout goes through these
 functions, so a change of the network's interface (e.g. the upstream-parity model) is
 adapted here only. Inputs are the batch dict of scprint.trainer (x, genes, depth, class).
+Opening a checkpoint is scprint.model.checkpoint's (the Lightning module imports this one).
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
-
-
-def load(path: str | Path, device: str = "cpu"):
-    """The ScPrintModule of a checkpoint, on ``device``, in eval mode. A model trained
-    with transformer='flash' runs with 'sdpa' (same weights) where flash cannot run."""
-    from scprint.model.lightning import ScPrintModule
-
-    overrides = {}
-    # only the hyperparameters: mmap leaves the weights on disk until the real load below
-    hparams = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get(
-        "hyper_parameters", {}
-    )
-    if hparams.get("transformer") == "flash" and not str(device).startswith("cuda"):
-        log.info("checkpoint uses transformer='flash', which needs CUDA: running with 'sdpa'")
-        overrides["transformer"] = "sdpa"
-    return ScPrintModule.load(path, map_location=device, **overrides).eval()
 
 
 def encode(

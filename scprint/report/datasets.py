@@ -4,9 +4,11 @@
   genes in the file, matched to the gene registry and after padding, where the raw counts
   came from (X / raw.X / layers['counts']); datasets `scprint preprocess` refused, with
   the reason, from their refusal records (``<reports dir>/refused/<dataset>.json``);
-- cells kept and dropped per dataset (bar chart);
+- cells kept and dropped per dataset (bar chart; past MAX_BARS datasets, histograms of the
+  cells kept and the share dropped per dataset, and the WORST largest drop shares named);
 - counts per cell and expressed genes per cell per dataset (box plots, from the processed
-  files' QC columns; a per-dataset medians scatter past MAX_BOXES datasets).
+  files' QC columns; past MAX_BOXES datasets, histograms of the per-dataset medians and
+  the WORST datasets with the lowest medians named).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from scprint.report.common import no_data_figure, pyplot, save_figure, short_lab
 
 log = logging.getLogger(__name__)
 
-MAX_BOXES = 60  # more datasets than this: one point per dataset instead of a box each
+MAX_BOXES = 60  # more datasets than this: distributions over datasets instead of a box each
+MAX_BARS = 60  # more datasets than this: distributions of cells and drop share, worst named
+WORST = 15  # datasets named in the figures of a large run (the table has every one)
 CELLS_SAMPLED = 5000  # per dataset, for the distributions (seeded, so reruns are identical)
 TABLE_ID = "datasets"
 COLUMNS = [
@@ -98,6 +102,21 @@ def plot_cells(rows: list[dict], out: Path) -> None:
     names = [short_label(r["dataset"]) for r in done]
     kept = np.array([r["cells kept"] for r in done])
     dropped = np.array([r["cells dropped"] for r in done])
+    if len(done) > MAX_BARS:
+        share = dropped / np.maximum(kept + dropped, 1)
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+        log_hist(axes[0], kept, "cells kept per dataset")
+        axes[1].hist(share, bins=np.linspace(0, 1, 41), color="#e34a33")
+        axes[1].set_xlabel("share of cells dropped by QC")
+        axes[1].set_ylabel("datasets")
+        worst_bars(axes[2], names, share, highest=True, title="largest shares dropped")
+        axes[2].set_xlim(0, 1)
+        fig.suptitle(
+            f"Cells of {len(done):,} datasets: {kept.sum():,} kept, {dropped.sum():,} dropped"
+        )
+        fig.tight_layout()
+        save_figure(fig, out)
+        return
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.28 * len(done)))
     y = np.arange(len(done))
     ax.barh(y, kept, color="#2b8cbe", label="kept")
@@ -108,6 +127,29 @@ def plot_cells(rows: list[dict], out: Path) -> None:
     ax.set_title(f"Cells per dataset: {kept.sum():,} kept, {dropped.sum():,} dropped")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(fig, out)
+
+
+def log_hist(ax, values, xlabel: str) -> None:
+    """Histogram of positive ``values`` on log-spaced bins (datasets span decades)."""
+    values = np.asarray(values, dtype=float)
+    values = values[values > 0]
+    if len(values):
+        low, high = values.min(), values.max()
+        ax.hist(values, bins=np.geomspace(low, max(high, low * 1.01), 41), color="#2b8cbe")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("datasets")
+
+
+def worst_bars(ax, names: list[str], values, highest: bool, title: str) -> None:
+    """The WORST datasets by ``values`` (highest or lowest first), named, one bar each."""
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(-values if highest else values, kind="stable")[:WORST]
+    y = np.arange(len(order))
+    ax.barh(y, values[order], color="#e34a33")
+    ax.set_yticks(y, [names[i] for i in order], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=10)
 
 
 def plot_distributions(names: list[str], values: list[tuple], out: Path) -> None:
@@ -125,14 +167,20 @@ def plot_distributions(names: list[str], values: list[tuple], out: Path) -> None
         axes[0].set_yticks(np.arange(1, len(names) + 1), [short_label(n) for n in names])
         axes[0].invert_yaxis()
     else:
-        fig, ax = plt.subplots(figsize=(7, 6))
         medians = np.array([[np.median(v[0]), np.median(v[1])] for v in values])
-        ax.scatter(medians[:, 0], medians[:, 1], s=10, alpha=0.6)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(f"median {titles[0]}")
-        ax.set_ylabel(f"median {titles[1]}")
-        ax.set_title(f"{len(names)} datasets, one point each")
+        fig, axes = plt.subplots(2, 2, figsize=(12, 4 + 0.22 * WORST))
+        short = [short_label(n) for n in names]
+        for i, title in enumerate(titles):
+            log_hist(axes[0, i], medians[:, i], f"median {title} of each dataset")
+            worst_bars(
+                axes[1, i], short, medians[:, i], highest=False, title=f"lowest median {title}"
+            )
+            axes[1, i].set_xlabel(title)
+        axes[0, 0].set_title(f"{len(names):,} datasets", fontsize=10)
+        fig.suptitle("Counts and expressed genes per cell, after preprocessing")
+        fig.tight_layout()
+        save_figure(fig, out)
+        return
     fig.suptitle("Counts and expressed genes per cell, after preprocessing")
     save_figure(fig, out)
 
