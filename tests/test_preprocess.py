@@ -322,6 +322,18 @@ def test_bad_input_is_refused(workdir, case):
     assert refusal["dataset"] == dataset and phrases[0] in refusal["reason"]  # report's table
 
 
+def test_refusal_recorded_for_the_workflow(workdir):
+    """`--on-refused record` (what the rule runs): exit 0, the reason in the report and in a
+    cell-less processed file, so one bad dataset does not stop the workflow."""
+    corrupt(workdir / "data" / "raw" / "rec-corrupt.h5ad")
+    proc = preprocess(workdir, "rec-corrupt", "--on-refused", "record")
+    assert "rec-corrupt refused" in proc.stderr
+    report = json.loads((workdir / "results/preprocess/rec-corrupt.json").read_text())
+    assert "corrupt or truncated" in report["refused"]
+    record = ad.read_h5ad(workdir / "data" / "processed" / "rec-corrupt.h5ad")
+    assert record.shape == (0, 0) and record.uns["scprint_refused"] == report["refused"]
+
+
 def test_refused_before_the_ontologies_are_populated(tmp_path):
     run_cli(["lamin-init", "--storage", "lamin/storage", "--out", "lamin.json"], cwd=tmp_path)
     (tmp_path / "data" / "raw").mkdir(parents=True)

@@ -540,6 +540,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="load the whole dataset and run scdataloader's Preprocessor itself (the "
         "reference the chunked path equals; implied by --do-postp)",
     )
+    parser.add_argument(
+        "--on-refused",
+        choices=("fail", "record"),
+        default="fail",
+        help="a dataset that cannot be preprocessed: fail (exit 1), or record the reason in "
+        "--report and a cell-less --out and exit 0, leaving the decision to `scprint "
+        "collection --on-refused` (the workflow does this)",
+    )
+
+
+REFUSED_KEY = "scprint_refused"  # uns key of the record `--on-refused record` writes
+
+
+def write_refused(out: str | Path, dataset: str, reason: str) -> None:
+    """The processed output of a refused dataset: an h5ad with no cells and no genes whose
+    ``uns`` says why. Every dataset then has its declared outputs, so one bad file does
+    not stop the workflow; `scprint collection` lists it as refused and registers nothing
+    of it (or stops, with ``--on-refused stop``)."""
+    import anndata
+
+    with atomic_path(out) as tmp:
+        anndata.AnnData(uns={REFUSED_KEY: reason, "dataset_id": dataset}).write_h5ad(tmp)
 
 
 def refusal_path(report: str, dataset: str) -> Path:
@@ -570,9 +592,18 @@ def run(args: argparse.Namespace) -> None:
             report = preprocess_chunked(
                 dataset, Path(args.input), args.out, params, args.chunk_cells
             )
-    except StageError as err:  # recorded for the report's dataset table, then raised
+    except StageError as err:  # recorded for the report's dataset table
         write_json(refusal, {"dataset": dataset, "input": str(args.input), "reason": str(err)})
-        raise
+        if args.on_refused == "fail":
+            raise
+        write_refused(args.out, dataset, str(err))
+        write_json(
+            args.report,
+            {"dataset": dataset, "input": str(args.input), "output": str(args.out),
+             "refused": str(err)},
+        )  # fmt: skip
+        log.error("%s refused (recorded in %s): %s", dataset, args.report, err)
+        return
     report["output"] = str(args.out)
     write_json(args.report, report)
     refusal.unlink(missing_ok=True)
