@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 
@@ -323,3 +324,6 @@ def test_row_files_change_only_with_their_row(tmp_path):
     assert listing.write_rows(changed, tmp_path) == ["d1", "d2"]
     assert (tmp_path / "d0.tsv").stat().st_mtime_ns == before["d0.tsv"]
     assert listing.read_listing(tmp_path / "d1.tsv")["d1"].url == "new"
+    # a new CELLxGENE version of d0 (same url shape, same size): its row alone is rewritten
+    newer = dataclasses.replace(rows[0], dataset_version_id="v2")
+    assert listing.write_rows([newer, changed[1], rows[2]], tmp_path) == ["d0"]
