@@ -169,6 +169,7 @@ def preprocess_args():
         "--is-symbol" if p["is_symbol"] else "--no-is-symbol",
         "--skip-validate" if p["skip_validate"] else "--no-skip-validate",
         "--do-postp" if p.get("do_postp", False) else "--no-do-postp",
+        "--primary-only" if p["primary_only"] else "--no-primary-only",
     ]
     return " ".join(flags)
 
