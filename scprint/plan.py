@@ -166,6 +166,10 @@ def plan(listing: Path, configs: list[Path], bench: Path = BENCH) -> dict:
         "datasets": len(rows),
         "cells": sum(cells),
         "cells_per_organism": dict(sorted(per_organism.items())),
+        # unique cells: CELLxGENE marks copies of cells other datasets hold non-primary, and
+        # preprocess (primary_only) drops them; None where the listing does not say
+        "primary_cells": sum(r.n_primary_cells or 0 for r in rows),
+        "datasets_without_primary_count": sum(r.n_primary_cells is None for r in rows),
         "download_gb": round(download / GB, 2),
         "processed_gb": round(processed / GB, 2),
         "processed_gb_how": "half the download: CELLxGENE files hold the counts twice "
@@ -197,6 +201,11 @@ def render(bill: dict) -> str:
         f"cells:                 {bill['cells']:,}",
     ]
     lines += [f"  {org}: {n:,}" for org, n in bill["cells_per_organism"].items()]
+    unknown = bill["datasets_without_primary_count"]
+    lines.append(
+        f"unique (primary) cells: {bill['primary_cells']:,}"
+        + (f" (+ {unknown:,} datasets that do not say)" if unknown else "")
+    )
     lines += [
         f"download:              {bill['download_gb']:,} GB",
         f"after preprocessing:   {bill['processed_gb']:,} GB ({bill['processed_gb_how']})",

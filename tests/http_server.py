@@ -137,7 +137,11 @@ class FileServer:
                     body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
 
                 start, end, status = 0, len(body) - 1, 200
+                etag = f'"{hashlib.md5(body).hexdigest()}"'
                 match = RANGE.match(self.headers.get("Range", ""))
+                if_range = self.headers.get("If-Range")
+                if if_range is not None and if_range not in (etag, server.last_modified):
+                    match = None  # RFC 9110: the object changed, so send all of it (200)
                 if match and faults.range_support:
                     start = int(match.group(1))
                     end = min(int(match.group(2) or end), len(body) - 1)
@@ -155,7 +159,7 @@ class FileServer:
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(part)))
                 self.send_header("Last-Modified", server.last_modified)  # S3 clients need both
-                self.send_header("ETag", f'"{hashlib.md5(body).hexdigest()}"')
+                self.send_header("ETag", etag)
                 if faults.range_support:
                     self.send_header("Accept-Ranges", "bytes")
                 if status == 206:

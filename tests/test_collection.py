@@ -138,6 +138,40 @@ def test_unprocessed_file_is_refused(workdir):
     assert "Traceback" not in proc.stderr
 
 
+def test_refused_dataset_skipped_or_stops_and_versions_recorded(workdir):
+    """A dataset preprocess refused (its cell-less record) is left out and listed with
+    its reason (skip), or stops the stage (stop); each file's version comes from its row."""
+    from scprint.data.listing import DatasetRow, format_listing
+    from scprint.data.preprocess import write_refused
+
+    write_refused(workdir / "data/processed/ds-r.h5ad", "ds-r", "dataset ds-r: no raw counts")
+    rows = workdir / "results" / "listing"
+    rows.mkdir(parents=True, exist_ok=True)
+    for dataset in [*DATASETS, "ds-r"]:
+        row = DatasetRow(
+            dataset, "t", (HUMAN,), (), 120, "u", None, dataset_version_id=f"v2-{dataset}"
+        )
+        (rows / f"{dataset}.tsv").write_text(format_listing([row]))
+    before = json.loads((workdir / "results" / "collection.json").read_text())
+    args = ["collection", "--processed", *[f"data/processed/{d}.h5ad" for d in [*DATASETS, "ds-r"]],
+            "--key", KEY, "--listing", *sorted(rows.glob("*.tsv"))]  # fmt: skip
+    proc = run_cli([*args, "--out", "stop.json", "--on-refused", "stop"], cwd=workdir, check=False)
+    assert proc.returncode == 1 and not (workdir / "stop.json").exists()
+    assert (
+        "1 dataset(s) were refused" in proc.stderr
+        and "ds-r: dataset ds-r: no raw counts" in proc.stderr
+    )
+    assert "datasets.on_refused: skip" in proc.stderr
+
+    run_cli([*args, "--out", "skip.json", "--on-refused", "skip"], cwd=workdir)
+    summary = json.loads((workdir / "skip.json").read_text())
+    assert summary["uid"] == before["uid"]  # the same two datasets: the same collection
+    assert [d["dataset_version_id"] for d in summary["datasets"]] == ["v2-ds-a", "v2-ds-b"]
+    (refused,) = summary["refused"]
+    assert refused["dataset"] == "ds-r" and refused["reason"] == "dataset ds-r: no raw counts"
+    assert n_artifacts(workdir) == 2  # nothing of ds-r registered
+
+
 DATAMODULE_SCRIPT = """
 import json, sys
 from scprint.data.lamin import connect

@@ -311,3 +311,61 @@ def test_cli_error_is_one_line(server, payload, tmp_path):
     assert proc.returncode == 1
     assert "scprint download: error: dataset id '../x' is not a safe file name" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# -- versions and unknown sizes (issue 20) -----------------------------------------------
+@pytest.mark.parametrize("size", [None, -1, 0])
+def test_unknown_size_is_verified_by_hdf5_integrity(server, payload, tmp_path, size):
+    """`filesize: -1` (the Curation API's failed size lookup), 0 or missing: never a crash,
+    a whole file passes, a cut one is refused because HDF5 itself says it is truncated."""
+    row = row_for(server.url(PATH), payload, with_md5=False, size_bytes=size)
+    assert run_download(tmp_path, row).read_bytes() == payload
+    (tmp_path / "data" / "raw" / f"{DATASET}.h5ad").unlink()
+    server.faults.truncate_to = len(payload) - 100  # consistent headers, a shorter file
+    with pytest.raises(StageError, match=f"dataset {DATASET}: HDF5 file does not open .*truncated"):
+        run_download(tmp_path, row)
+    assert leftovers(tmp_path) == []
+
+
+def etag_of(body: bytes) -> str:
+    return f'"{hashlib.md5(body).hexdigest()}"'
+
+
+def test_resume_sends_if_range_with_the_recorded_etag(server, payload, tmp_path):
+    row = row_for(server.url(PATH), payload, with_md5=False, dataset_version_id="v1")
+    server.faults.drop_after_bytes = len(payload) // 2
+    out = run_download(tmp_path, row)
+    assert out.read_bytes() == payload and leftovers(tmp_path) == [f"{DATASET}.h5ad"]
+    first, resumed = server.requests
+    assert first.headers.get("If-Range") is None
+    assert resumed.status == 206 and resumed.headers["If-Range"] == etag_of(payload)
+
+
+def test_changed_object_restarts_instead_of_splicing(server, payload, tmp_path):
+    """A killed run left half of the old object (and its ETag); the object behind the URL
+    changed since: If-Range no longer matches, the server sends the new object whole and
+    nothing of the old is kept."""
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    (raw / f"{DATASET}.h5ad.v1.part").write_bytes(payload[: len(payload) // 2])
+    (raw / f"{DATASET}.h5ad.v1.part.validator").write_text(etag_of(payload) + "\n")
+    new = write_h5ad(tmp_path / "new.h5ad", n_cells=400, n_genes=100, seed=7).read_bytes()
+    server.add(PATH, new)
+    row = row_for(server.url(PATH), new, size_bytes=None, with_md5=False, dataset_version_id="v1")
+    assert run_download(tmp_path, row).read_bytes() == new
+    (only,) = server.requests
+    assert only.headers["Range"] == f"bytes={len(payload) // 2}-"
+    assert only.headers["If-Range"] == etag_of(payload)
+    assert only.status == 200 and only.sent_bytes == len(new)
+
+
+def test_part_of_another_version_is_never_resumed(server, payload, tmp_path):
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    (raw / f"{DATASET}.h5ad.old-version.part").write_bytes(payload[:1000])
+    (raw / f"{DATASET}.h5ad.old-version.part.validator").write_text('"x"\n')
+    (raw / f"{DATASET}.h5ad.part").write_bytes(b"unversioned junk")  # no record: restarted
+    row = row_for(server.url(PATH), payload, dataset_version_id="new-version")
+    assert run_download(tmp_path, row).read_bytes() == payload
+    assert leftovers(tmp_path) == [f"{DATASET}.h5ad"]
+    assert [r.headers.get("Range") for r in server.requests] == [None]

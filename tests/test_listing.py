@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 
@@ -22,7 +23,9 @@ def term(term_id: str, label: str = "x") -> dict:
     return {"label": label, "ontology_term_id": term_id}
 
 
-def api_dataset(dataset_id, organisms, assays, cells, size=1000, assets=None, title=None):
+def api_dataset(
+    dataset_id, organisms, assays, cells, size=1000, assets=None, title=None, primary=None
+):
     """One entry shaped like GET /curation/v1/datasets (fields we do not read included)."""
     if assets is None:
         assets = [
@@ -38,6 +41,7 @@ def api_dataset(dataset_id, organisms, assays, cells, size=1000, assets=None, ti
         "assay": [term(a) for a in assays],
         "tissue": [term("UBERON:0002048", "lung")],
         "cell_count": cells,
+        "primary_cell_count": cells if primary is None else primary,
         "assets": assets,
         "schema_version": "5.2.0",
     }
@@ -93,10 +97,12 @@ def test_curation_api_listing_rows_and_columns(api, tmp_path):
     both = dict(zip(listing.COLUMNS, lines[1].split("\t"), strict=True))
     assert both == {
         "dataset_id": "a-both",
+        "dataset_version_id": "v-a-both",
         "title": "two organisms",  # tabs and newlines cannot break the TSV
         "organism": f"{MOUSE};{HUMAN}",  # sorted ids, ';'-joined
         "assay": f"{SMART_SEQ2};{TENX_V3}",
         "n_cells": "3000",
+        "n_primary_cells": "3000",
         "url": "https://example.org/a-both.h5ad",
         "size_bytes": "1000",
         "md5": "",  # the API publishes no checksum
@@ -107,8 +113,23 @@ def test_curation_api_listing_rows_and_columns(api, tmp_path):
         "123",
         "5000",
     )
-    assert dict(zip(listing.COLUMNS, lines[5].split("\t"), strict=True))["n_cells"] == ""
+    no_count = dict(zip(listing.COLUMNS, lines[5].split("\t"), strict=True))
+    assert (no_count["n_cells"], no_count["n_primary_cells"]) == ("", "")  # null: unknown
     assert [r.path for r in server.requests] == ["/curation/v1/datasets"]
+
+
+@pytest.mark.parametrize("size", [-1, 0, None, "12", True])
+def test_unknown_sizes_and_counts_are_unknown_not_numbers(size):
+    """`filesize: -1` is what the Curation API sends when its S3 size lookup failed."""
+    entry = api_dataset("g", [HUMAN], [TENX_V3], None, size=size, primary=None)
+    entry["primary_cell_count"] = None
+    (row,) = listing.rows_from_curation_api([entry])
+    assert (row.size_bytes, row.n_cells, row.n_primary_cells) == (None, None, None)
+    assert row.dataset_version_id == "v-g"
+    assert (
+        listing.DatasetRow.from_fields(dict(zip(listing.COLUMNS, row.to_fields(), strict=True)))
+        == row
+    )
 
 
 def test_listing_is_deterministic(api, tmp_path):
@@ -303,3 +324,6 @@ def test_row_files_change_only_with_their_row(tmp_path):
     assert listing.write_rows(changed, tmp_path) == ["d1", "d2"]
     assert (tmp_path / "d0.tsv").stat().st_mtime_ns == before["d0.tsv"]
     assert listing.read_listing(tmp_path / "d1.tsv")["d1"].url == "new"
+    # a new CELLxGENE version of d0 (same url shape, same size): its row alone is rewritten
+    newer = dataclasses.replace(rows[0], dataset_version_id="v2")
+    assert listing.write_rows([newer, changed[1], rows[2]], tmp_path) == ["d0"]

@@ -18,7 +18,7 @@ def big_listing(path, n=1500):
         listing.DatasetRow(
             f"ds-{i:04d}", "t", ("NCBITaxon:10090",) if i % 3 == 0 else ("NCBITaxon:9606",),
             ("EFO:0009922",), 1_000 * (i + 1), f"http://127.0.0.1:9/{i}",
-            None if i == 7 else 10**8,
+            None if i == 7 else 10**8, n_primary_cells=None if i == 7 else 500 * (i + 1),
         )
         for i in range(n)
     ]  # fmt: skip
@@ -36,6 +36,11 @@ def test_plan_of_a_1500_dataset_listing(tmp_path):
     bill = json.loads((tmp_path / "results" / "plan.json").read_text())
     cells = sum(r.n_cells for r in rows)
     assert bill["datasets"] == 1500 and bill["cells"] == cells
+    assert bill["primary_cells"] == sum(r.n_primary_cells or 0 for r in rows) < cells / 2
+    assert bill["datasets_without_primary_count"] == 1
+    assert (
+        "unique (primary) cells:" in proc.stdout and "+ 1 datasets that do not say" in proc.stdout
+    )
     mouse = sum(r.n_cells for r in rows if r.organism == ("NCBITaxon:10090",))
     assert bill["cells_per_organism"] == {"NCBITaxon:10090": mouse, "NCBITaxon:9606": cells - mouse}
     # one row has no size: estimated from its cells (2,000 non-zeros, X and raw.X)

@@ -17,6 +17,9 @@ import pytest
 import scipy.sparse as sp
 from conftest import run_cli
 
+from scprint.data import preprocess as preprocess_module
+from scprint.io import StageError
+
 HUMAN = "NCBITaxon:9606"
 N_GENES = 600
 # small gene panel: the Preprocessor's default needs 10,000 known genes
@@ -322,6 +325,18 @@ def test_bad_input_is_refused(workdir, case):
     assert refusal["dataset"] == dataset and phrases[0] in refusal["reason"]  # report's table
 
 
+def test_refusal_recorded_for_the_workflow(workdir):
+    """`--on-refused record` (what the rule runs): exit 0, the reason in the report and in a
+    cell-less processed file, so one bad dataset does not stop the workflow."""
+    corrupt(workdir / "data" / "raw" / "rec-corrupt.h5ad")
+    proc = preprocess(workdir, "rec-corrupt", "--on-refused", "record")
+    assert "rec-corrupt refused" in proc.stderr
+    report = json.loads((workdir / "results/preprocess/rec-corrupt.json").read_text())
+    assert "corrupt or truncated" in report["refused"]
+    record = ad.read_h5ad(workdir / "data" / "processed" / "rec-corrupt.h5ad")
+    assert record.shape == (0, 0) and record.uns["scprint_refused"] == report["refused"]
+
+
 def test_refused_before_the_ontologies_are_populated(tmp_path):
     run_cli(["lamin-init", "--storage", "lamin/storage", "--out", "lamin.json"], cwd=tmp_path)
     (tmp_path / "data" / "raw").mkdir(parents=True)
@@ -478,3 +493,31 @@ def test_chunked_equals_the_whole_file_preprocessor_on_the_demo(workdir):
         source = workdir / "demo-same" / "datasets" / f"{dataset}.h5ad"
         (workdir / "data" / "raw" / f"{dataset}.h5ad").write_bytes(source.read_bytes())
         preprocess_both(workdir, dataset, *SMALL_PANEL)
+
+
+def test_primary_cells_only(workdir):
+    """Copies of cells other datasets hold (is_primary_data False) are dropped by default,
+    including a whole chunk of them; with none primary, the dataset is refused."""
+    adata = make_dataset(n_cells=150, seed=6)
+    primary = np.ones(150, dtype=bool)
+    primary[37:74] = False  # the whole second chunk of 37
+    primary[::10] = False
+    adata.obs["is_primary_data"] = primary
+    adata.write_h5ad(workdir / "data" / "raw" / "primary.h5ad")
+    preprocess(workdir, "primary", *SMALL_PANEL, "--chunk-cells", "37")
+    report = json.loads((workdir / "results" / "preprocess" / "primary.json").read_text())
+    n_primary = int(primary.sum())
+    assert report["cells"]["primary"] == n_primary and report["primary_only"] is True
+    dropped = report["cells"]["dropped"]
+    assert dropped["not primary data (copies of cells another dataset holds)"] == 150 - n_primary
+    kept = ad.read_h5ad(workdir / "data" / "processed" / "primary.h5ad", backed="r")
+    expected = {f"primary:{c}" for c in adata.obs_names[primary]}
+    assert set(kept.obs_names) <= expected and kept.n_obs == report["cells"]["after"] > 0
+
+    strings = pd.DataFrame({"is_primary_data": pd.Categorical(["False", "True", "False"])})
+    assert preprocess_module.primary_cells("d", Path("x"), strings, True).tolist() == [
+        False, True, False,
+    ]  # fmt: skip
+    assert preprocess_module.primary_cells("d", Path("x"), strings, False) is None
+    with pytest.raises(StageError, match=r"(?s)dataset d .*no primary cells.*--no-primary-only"):
+        preprocess_module.primary_cells("d", Path("x"), strings.iloc[[0, 2]], True)

@@ -15,6 +15,7 @@ import scipy.sparse as sp
 import torch
 from conftest import run_cli
 
+from scprint.data.preprocess import write_refused
 from scprint.progress import LogProgress, progress
 from scprint.report.collection import sampler_shares
 from scprint.trainer.metrics import MetricsLog, merge_versions, version_files
@@ -135,6 +136,10 @@ def stage_outputs(tmp_path):
         json.dumps({"dataset": "ds-c", "reason": "dataset ds-c: no raw counts anywhere"})
     )
     (refused / "ds-a.json").write_text(json.dumps({"dataset": "ds-a", "reason": "old"}))
+    # `preprocess --on-refused record` (the workflow): the reason is the report, the
+    # processed file a cell-less record
+    write_refused(tmp_path / "ds-d.h5ad", "ds-d", "dataset ds-d: only 10 genes")
+    (tmp_path / "ds-d.json").write_text(json.dumps({"dataset": "ds-d", "refused": "only 10 genes"}))
     return tmp_path
 
 
@@ -151,6 +156,7 @@ def test_report_datasets_table_and_figures(stage_outputs):
     rows = html.split("<tbody>")[1].split("</tr>")
     assert "ds-a" in rows[0] and "ds-b" in rows[1] and "ds-c" in rows[2]
     assert "refused: dataset ds-c: no raw counts anywhere" in rows[2]
+    assert "ds-d" in rows[3] and "refused: only 10 genes" in rows[3]
     assert "old" not in html  # ds-a was refused once, preprocessed since
     assert "<td>120</td>" in rows[0] and "<td>20</td>" in rows[0] and "raw.X" in rows[0]
     if table is not None:

@@ -14,6 +14,13 @@ once every artifact is registered, in one transaction:
   the rerun reuses them by hash, so it ends exactly where an uninterrupted run would.
 
 Datasets are ordered by name, so the same set always gives the same collection.
+
+Refused datasets (the cell-less record `scprint preprocess --on-refused record` writes)
+are never registered: with ``--on-refused skip`` the collection is built from the others
+and the refused ones are listed with their reasons in the summary (``refused``); with
+``stop`` the stage fails naming them. ``--listing`` (the listing, or its per-dataset row
+files) adds each file's ``dataset_version_id`` to the summary: which exact CELLxGENE file
+the cells came from.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import os
 import signal
 from pathlib import Path
 
+from scprint.data.preprocess import REFUSED_KEY
 from scprint.io import StageError, check_dataset_id, write_json
 
 log = logging.getLogger(__name__)
@@ -52,6 +60,8 @@ def describe_processed(path: Path) -> dict:
             "Fix: delete it and rerun `scprint preprocess` for it"
         ) from err
     try:
+        if REFUSED_KEY in adata.uns:
+            return {"dataset": dataset, "path": str(path), "refused": str(adata.uns[REFUSED_KEY])}
         if "unseen_genes" not in adata.uns or "organism_ontology_term_id" not in adata.obs:
             raise StageError(
                 f"dataset {dataset}: {path} is not an output of `scprint preprocess` (no "
@@ -178,13 +188,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--key", default="scprint-pretrain", help="the Collection's key")
     parser.add_argument("--out", required=True, help="results/collection.json")
+    parser.add_argument(
+        "--listing",
+        nargs="*",
+        default=[],
+        type=Path,
+        help="datasets.tsv or results/listing/<dataset>.tsv files: record each dataset's version",
+    )
+    parser.add_argument(
+        "--on-refused",
+        choices=("skip", "stop"),
+        default="stop",
+        help="datasets preprocess refused: skip them (listed in --out) or fail",
+    )
+
+
+def versions(listings: list[Path]) -> dict[str, str]:
+    from scprint.data.listing import read_listing
+
+    found = {}
+    for path in listings:
+        found.update({d: row.dataset_version_id for d, row in read_listing(path).items()})
+    return found
+
+
+def refused_error(key: str, refused: list[dict]) -> StageError:
+    reasons = "\n".join(f"  - {d['dataset']}: {d['refused']}" for d in refused)
+    return StageError(
+        f"collection {key!r}: {len(refused)} dataset(s) were refused by `scprint preprocess`:"
+        f"\n{reasons}\nFix: correct those files, drop them (datasets.exclude in the config), "
+        "or set datasets.on_refused: skip to build the collection from the others"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
-    datasets = sorted(
+    described = sorted(
         (describe_processed(Path(p)) for p in dict.fromkeys(args.processed)),
         key=lambda d: d["dataset"],
     )
+    refused = [d for d in described if "refused" in d]
+    datasets = [d for d in described if "refused" not in d]
+    if refused and args.on_refused == "stop":
+        raise refused_error(args.key, refused)
+    if not datasets:
+        if refused:
+            raise refused_error(args.key, refused)
+        raise StageError(f"collection {args.key!r}: no dataset to register")
+    version_of = versions(args.listing)
+    for d in datasets:
+        if args.listing and d["dataset"] not in version_of:
+            raise StageError(
+                f"dataset {d['dataset']}: not in the listing {[str(p) for p in args.listing]}, "
+                "so its version is unknown. Fix: pass the listing the file was downloaded from"
+            )
+        if args.listing:
+            d["dataset_version_id"] = version_of[d["dataset"]]
+    for d in refused:
+        log.warning(
+            "dataset %s refused by preprocess, not registered: %s", d["dataset"], d["refused"]
+        )
     names = [d["dataset"] for d in datasets]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
@@ -193,4 +255,7 @@ def run(args: argparse.Namespace) -> None:
             "the dataset name is the file name. Fix: pass each dataset once"
         )
     summary = register(datasets, args.key)
+    summary["refused"] = [
+        {"dataset": d["dataset"], "reason": d["refused"], "path": d["path"]} for d in refused
+    ]
     write_json(args.out, summary)

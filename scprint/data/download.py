@@ -1,13 +1,17 @@
 """`scprint download`: fetch one dataset of the listing, resumable and verified.
 
-The bytes go to ``<out>.part`` beside the output. If a ``.part`` is already there (a killed
-or failed earlier run) the download resumes from its end with an HTTP Range request; a
-server that ignores Range answers 200 and the download restarts from zero. Connection
-errors, timeouts, 5xx/429 answers and bodies cut short are retried with exponential
-backoff (``--backoff`` seconds, doubling, at most 60 s); an attempt that still moved the
-download forward does not use up a retry. Then the size (``size_bytes``) and md5 are
-checked when the listing knows them, and the file must be HDF5 with ``obs`` and ``var``
-(an h5ad); only then is ``.part`` renamed onto ``--out``. A file that fails a check is
+The bytes go to ``<out>.<dataset_version_id>.part`` beside the output (``<out>.part``
+when the listing has no version), so bytes of one version are never resumed against
+another's URL; ``.part`` files of other versions of the dataset are deleted. If the
+version's ``.part`` is already there (a killed or failed earlier run) the download resumes
+from its end with an HTTP Range request guarded by If-Range (scprint/data/http.py): a
+changed object, or a server that ignores Range, answers 200 and the download restarts from
+zero. Connection errors, timeouts, 5xx/429 answers and bodies cut short are retried with
+exponential backoff (``--backoff`` seconds, doubling, at most 60 s); an attempt that still
+moved the download forward does not use up a retry. Then the size (``size_bytes``) and
+md5 are checked when the listing knows them, and the file must be whole HDF5 with ``obs``
+and ``var`` (an h5ad; HDF5 refuses a file shorter than its superblock says, which is the
+check left when the size is unknown); only then is ``.part`` renamed onto ``--out``. A file that fails a check is
 deleted, so the rerun starts over. ``file://`` urls (a local listing) are copied and
 checked the same way.
 
@@ -25,7 +29,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from scprint.data.http import fetch_to_part
+from scprint.data.http import discard_part, fetch_to_part
 from scprint.io import StageError, check_dataset_id
 
 log = logging.getLogger(__name__)
@@ -42,7 +46,7 @@ def check_out_path(dataset_id: str, out: Path) -> Path:
             f"--out {out} must be named {dataset_id}.h5ad (the dataset id) so that no two "
             "datasets can share a file"
         )
-    for path in (out, part_path(out)):
+    for path in (out, *out.parent.glob(f"{out.name}*.part")):
         if path.is_symlink():
             raise StageError(
                 f"{path} is a symlink, so writing it would write wherever it points: remove it"
@@ -50,8 +54,19 @@ def check_out_path(dataset_id: str, out: Path) -> Path:
     return out
 
 
-def part_path(out: Path) -> Path:
-    return out.with_name(out.name + ".part")
+def part_path(out: Path, version: str = "") -> Path:
+    """``<out>.<version>.part``: a partial download names the dataset version it holds."""
+    return out.with_name(
+        f"{out.name}.{check_dataset_id(version)}.part" if version else f"{out.name}.part"
+    )
+
+
+def remove_other_versions(out: Path, keep: Path) -> None:
+    """Partial downloads of other versions of this dataset can never be resumed: delete."""
+    for stale in out.parent.glob(f"{out.name}*.part"):
+        if stale != keep:
+            log.info("removing %s: a partial download of another version", stale)
+            discard_part(stale)
 
 
 def verify(row, path: Path, remove_on_failure: bool = True) -> None:
@@ -60,12 +75,12 @@ def verify(row, path: Path, remove_on_failure: bool = True) -> None:
 
     def fail(problem: str, fix: str):
         if remove_on_failure:
-            path.unlink(missing_ok=True)
+            discard_part(path)
             fix = f"{fix} (the downloaded file was removed, so a rerun starts over)"
         raise StageError(f"dataset {row.dataset_id}: {problem} [{row.url}]; {fix}")
 
     size = path.stat().st_size
-    if row.size_bytes is not None and size != row.size_bytes:
+    if row.size_bytes is not None and row.size_bytes > 0 and size != row.size_bytes:
         fail(
             f"size mismatch: expected {row.size_bytes} bytes, got {size}",
             "rerun the download; if it fails again the file changed upstream: rerun "
@@ -132,8 +147,8 @@ def copy_local(row, part: Path) -> None:
 def download(row, out: Path, retries: int = 5, timeout: float = 120, backoff: float = 2.0):
     """Download ``row`` (a listing.DatasetRow) onto ``out``, verified; returns ``out``."""
     out = check_out_path(row.dataset_id, Path(out))
-    part = part_path(out)
-    if out.exists() and (row.size_bytes is not None or row.md5):
+    part = part_path(out, row.dataset_version_id)
+    if out.exists():
         try:
             verify(row, out, remove_on_failure=False)
             log.info("%s is already there and verified", out)
@@ -141,6 +156,7 @@ def download(row, out: Path, retries: int = 5, timeout: float = 120, backoff: fl
         except StageError:
             log.info("%s exists but does not verify; downloading again", out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_other_versions(out, keep=part)
     scheme = urlparse(row.url).scheme
     if scheme in ("http", "https"):
         fetch_http(row, part, retries=retries, timeout=timeout, backoff=backoff)
@@ -153,6 +169,7 @@ def download(row, out: Path, retries: int = 5, timeout: float = 120, backoff: fl
         )
     verify(row, part)
     os.replace(part, out)
+    discard_part(part)  # the If-Range record
     log.info("downloaded %s (%d bytes)", out, out.stat().st_size)
     return out
 

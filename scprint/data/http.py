@@ -4,8 +4,12 @@ transfer into a ``.part`` file (`fetch_to_part`); callers verify and rename it.
 Connection errors, timeouts, 5xx/429 answers and bodies cut short are retried with
 exponential backoff (``backoff`` seconds, doubling, at most 60 s); an attempt that still
 moved the download forward does not use up a retry. A ``.part`` left by a killed run is
-resumed with an HTTP Range request; a server that ignores Range answers 200 and the
-transfer restarts from zero.
+resumed with an HTTP Range request guarded by ``If-Range``: the object's ETag (or, when
+it has none or a weak one, its Last-Modified) is recorded beside the ``.part`` as the
+first bytes arrive, so a server whose object changed since answers 200 with the new
+object and the transfer restarts from zero instead of splicing two files. A ``.part``
+without that record (nothing says which object it holds) is started over; so is one when
+the server ignores Range.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from scprint.io import StageError
+from scprint.io import StageError, write_text
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,24 @@ def _content_range_start(header: str | None) -> int | None:
         return None
 
 
+def validator_path(part: Path) -> Path:
+    """Where the ETag / Last-Modified of the object a ``.part`` holds is kept."""
+    return part.with_name(part.name + ".validator")
+
+
+def _validator(headers) -> str | None:
+    """The response's If-Range validator: a strong ETag, else Last-Modified, else None."""
+    etag = headers.get("ETag")
+    if etag and not etag.startswith("W/"):  # If-Range accepts strong ETags only
+        return etag
+    return headers.get("Last-Modified")
+
+
+def discard_part(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    validator_path(part).unlink(missing_ok=True)
+
+
 def fetch_to_part(
     url: str,
     part: Path,
@@ -128,8 +150,12 @@ def fetch_to_part(
     refused_fix: str,
 ) -> None:
     """Stream ``url`` into ``part``, resuming from what ``part`` already holds (HTTP Range),
-    retried as `with_retries` says; ``expected``: the size in bytes when known."""
+    retried as `with_retries` says; ``expected``: the size in bytes when known (None, 0
+    or negative: unknown, so only the server's Content-Length can say a body was cut)."""
     session = http_session()
+    if expected is not None and expected <= 0:
+        expected = None
+    recorded = validator_path(part)
 
     def attempt() -> None:
         offset = part.stat().st_size if part.exists() else 0
@@ -137,28 +163,48 @@ def fetch_to_part(
             return  # a complete .part from an earlier run: only verification is left
         if expected is not None and offset > expected:
             log.warning("%s holds more than %d bytes; starting over", part, expected)
-            part.unlink()
+            discard_part(part)
+            offset = 0
+        validator = recorded.read_text().strip() if recorded.is_file() else ""
+        if offset and not validator:
+            log.warning(
+                "%s has no recorded ETag/Last-Modified, so whether it holds the server's "
+                "current object cannot be checked; starting over",
+                part,
+            )
+            discard_part(part)
             offset = 0
         # identity: offsets and byte counts must refer to the file, not a compressed stream
         headers = {"Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
+            headers["If-Range"] = validator
         with session.get(url, headers=headers, stream=True, timeout=timeout) as response:
             if response.status_code == 416 and offset:
-                part.unlink()
+                discard_part(part)
                 raise TransientError("the server refused to resume (HTTP 416); starting over")
             response.raise_for_status()
             if offset and response.status_code == 206:
                 start = _content_range_start(response.headers.get("Content-Range"))
                 if start != offset:
-                    part.unlink()
+                    discard_part(part)
                     raise TransientError(f"resume answered from byte {start}, not {offset}")
                 mode = "ab"
                 log.info("resuming %s at byte %d", label, offset)
             else:
                 if offset:
-                    log.info("server ignored the Range request; restarting from zero")
+                    log.info(
+                        "%s: the server sent the whole object (it changed since the .part was "
+                        "started, or the server ignores Range); restarting from zero",
+                        label,
+                    )
                 offset, mode = 0, "wb"
+                part.unlink(missing_ok=True)  # old bytes never meet the new record
+                fresh = _validator(response.headers)
+                if fresh:  # recorded before any byte, so a .part never outlives its record
+                    write_text(recorded, fresh + "\n")
+                else:
+                    recorded.unlink(missing_ok=True)
             length = response.headers.get("Content-Length")
             length = int(length) if length else None
             total = offset + length if length is not None else expected

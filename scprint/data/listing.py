@@ -2,13 +2,15 @@
 
 Sources:
 - ``cellxgene``: CELLxGENE Discover's public Curation API, ``GET {api}/datasets`` (no key
-  needed). Each dataset gives its id, title, organism and assay terms, cell count and an
-  H5AD asset (url, filesize). The API publishes no checksum, so ``md5`` stays empty and the
-  download verifies the size only.
+  needed). Each dataset gives its id and version id, title, organism and assay terms,
+  cell counts (all and primary) and an H5AD asset (url, filesize). The API publishes no
+  checksum, so ``md5`` stays empty and the download verifies the size when it is known
+  (``filesize: -1``, its failed size lookup, is unknown) and the HDF5 structure always.
 - ``local``: every ``*.h5ad`` in a folder (not recursive). The dataset id is the file stem;
   organism, assay and cell count are read from the file's obs (organism falls back to
   ``uns['organism_ontology_term_id']``, where CELLxGENE schema 5+ keeps it); the url is
-  ``file://`` + the absolute path; the md5 is computed.
+  ``file://`` + the absolute path; the md5 is computed; primary cells are counted from
+  ``obs['is_primary_data']`` when the column is there.
 
 Filters, applied in this order: include (keep only these ids; an id missing from the
 source is an error, it is usually a typo), exclude, organism (any of the dataset's
@@ -33,13 +35,30 @@ from scprint.io import StageError, check_dataset_id, write_text
 log = logging.getLogger(__name__)
 
 DEFAULT_API = "https://api.cellxgene.cziscience.com/curation/v1"
-COLUMNS = ("dataset_id", "title", "organism", "assay", "n_cells", "url", "size_bytes", "md5")
+COLUMNS = (
+    "dataset_id",
+    "dataset_version_id",
+    "title",
+    "organism",
+    "assay",
+    "n_cells",
+    "n_primary_cells",
+    "url",
+    "size_bytes",
+    "md5",
+)
 MULTI_SEP = ";"  # joins several organism / assay ids in one cell
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetRow:
-    """One row of datasets.tsv; ``organism``/``assay`` are sorted tuples of ontology ids."""
+    """One row of datasets.tsv; ``organism``/``assay`` are sorted tuples of ontology ids.
+
+    ``None`` counts and sizes mean unknown (the Curation API sends ``filesize: -1`` when its
+    own size lookup failed, and may send ``cell_count: null``). ``dataset_version_id``
+    names the exact file: CELLxGENE publishes one H5AD per version, so a new version is a
+    changed row and redoes that dataset only; empty for a local folder (``md5`` is set).
+    """
 
     dataset_id: str
     title: str
@@ -49,18 +68,23 @@ class DatasetRow:
     url: str
     size_bytes: int | None
     md5: str = ""
+    dataset_version_id: str = ""
+    n_primary_cells: int | None = None
 
     def to_fields(self) -> list[str]:
-        return [
-            self.dataset_id,
-            _one_line(self.title),
-            MULTI_SEP.join(self.organism),
-            MULTI_SEP.join(self.assay),
-            "" if self.n_cells is None else str(self.n_cells),
-            self.url,
-            "" if self.size_bytes is None else str(self.size_bytes),
-            self.md5,
-        ]
+        fields = {
+            "dataset_id": self.dataset_id,
+            "dataset_version_id": self.dataset_version_id,
+            "title": _one_line(self.title),
+            "organism": MULTI_SEP.join(self.organism),
+            "assay": MULTI_SEP.join(self.assay),
+            "n_cells": _optional(self.n_cells),
+            "n_primary_cells": _optional(self.n_primary_cells),
+            "url": self.url,
+            "size_bytes": _optional(self.size_bytes),
+            "md5": self.md5,
+        }
+        return [fields[column] for column in COLUMNS]
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> DatasetRow:
@@ -79,7 +103,34 @@ class DatasetRow:
             url=fields["url"],
             size_bytes=integer(fields["size_bytes"]),
             md5=fields["md5"],
+            dataset_version_id=fields["dataset_version_id"],
+            n_primary_cells=integer(fields["n_primary_cells"]),
         )
+
+
+def _optional(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def known_count(value) -> int | None:
+    """A size or cell count from a remote listing, or None when unknown.
+
+    The Curation API answers ``filesize: -1`` when its S3 size lookup failed, and ``null``
+    counts are allowed by its spec; anything not a positive integer (0 for a size, negative,
+    null, a string) is unknown rather than a number to check a download against."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number >= 0 and number == value else None
+
+
+def known_size(value) -> int | None:
+    """A file size: like `known_count`, and 0 bytes is unknown too (no h5ad is empty)."""
+    number = known_count(value)
+    return number if number else None
 
 
 def _one_line(text: str) -> str:
@@ -134,17 +185,17 @@ def rows_from_curation_api(datasets: list[dict]) -> list[DatasetRow]:
         if not url:
             log.warning("dataset %s has no H5AD asset; skipped", dataset_id)
             continue
-        size = h5ad[0].get("filesize")
-        cells = dataset.get("cell_count")
         rows.append(
             DatasetRow(
                 dataset_id=dataset_id,
                 title=dataset.get("title") or "",
                 organism=_term_ids(dataset.get("organism")),
                 assay=_term_ids(dataset.get("assay")),
-                n_cells=None if cells is None else int(cells),
+                n_cells=known_count(dataset.get("cell_count")),
                 url=url,
-                size_bytes=None if size is None else int(size),
+                size_bytes=known_size(h5ad[0].get("filesize")),
+                dataset_version_id=str(dataset.get("dataset_version_id") or ""),
+                n_primary_cells=known_count(dataset.get("primary_cell_count")),
             )
         )
     return rows
@@ -209,6 +260,7 @@ def _obs_terms(obs, uns, column: str) -> tuple[str, ...]:
 def describe_h5ad(path: Path) -> DatasetRow:
     """A row for a local h5ad, reading only obs columns (not X): cheap for big files."""
     import h5py
+    import numpy as np
     from anndata.io import read_elem
 
     try:
@@ -219,6 +271,11 @@ def describe_h5ad(path: Path) -> DatasetRow:
             organism = _obs_terms(obs, uns, "organism_ontology_term_id")
             assay = _obs_terms(obs, uns, "assay_ontology_term_id")
             title = read_elem(uns["title"]) if uns is not None and "title" in uns else ""
+            primary = (
+                int(np.count_nonzero(read_elem(obs["is_primary_data"])))
+                if "is_primary_data" in obs
+                else None
+            )
     except (OSError, KeyError) as err:
         raise StageError(
             f"{path} is not a readable h5ad file ({err}): remove it from the folder or "
@@ -230,6 +287,7 @@ def describe_h5ad(path: Path) -> DatasetRow:
         organism=organism,
         assay=assay,
         n_cells=int(n_cells),
+        n_primary_cells=primary,
         url=path.resolve().as_uri(),
         size_bytes=path.stat().st_size,
         md5=file_md5(path),
@@ -279,13 +337,14 @@ def select(
         rows = rows[:limit]
     unsafe = []
     for row in rows:
-        try:
-            check_dataset_id(row.dataset_id)
-        except StageError:
-            unsafe.append(row.dataset_id)
+        for name in filter(None, (row.dataset_id, row.dataset_version_id)):
+            try:
+                check_dataset_id(name)  # the version names the download's .part file
+            except StageError:
+                unsafe.append(name)
     if unsafe:
         raise StageError(
-            f"dataset ids {unsafe} are not safe file names (only letters, digits, '.', '_' "
+            f"dataset (or version) ids {unsafe} are not safe file names (only letters, digits, '.', '_' "
             "and '-'; no '/' or '..'): they could write outside the data folder. Drop them "
             "with --exclude, or rename the files for a local source"
         )

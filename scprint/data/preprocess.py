@@ -337,13 +337,39 @@ def check(dataset: str, input_path: Path, obs, uns, var_names, places, params: P
     return relabelled, counts, registry_info
 
 
+def primary_cells(dataset: str, input_path: Path, obs, primary_only: bool):
+    """Mask of the cells to keep (``obs['is_primary_data']`` true), or None to keep all.
+
+    CELLxGENE holds the same cells in several datasets (re-analyses, atlases) and marks all
+    but one copy ``is_primary_data`` False; the census counts unique cells as the primary
+    ones. Training on the non-primary copies too would count those cells several times.
+    A file without the column (not CELLxGENE) keeps every cell."""
+
+    if not primary_only or "is_primary_data" not in obs.columns:
+        return None
+    column = obs["is_primary_data"]
+    if column.dtype == bool:
+        mask = column.to_numpy()
+    else:  # a categorical or string column: "True"/"False" (astype(bool) calls both true)
+        mask = column.astype(str).str.lower().isin(["true", "1"]).to_numpy()
+    if not mask.any():
+        refuse(dataset, input_path, [
+            f"no primary cells: is_primary_data is False for all {len(mask)} cells, so every "
+            "cell is a copy of cells another CELLxGENE dataset holds. Fix: leave it out (it "
+            "adds no unique cells), or pass --no-primary-only to keep duplicated cells"
+        ])  # fmt: skip
+    return mask
+
+
 def refuse(dataset: str, input_path: Path, problems: list[str]) -> None:
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
         raise StageError(f"dataset {dataset} ({input_path}) cannot be preprocessed:\n{listed}")
 
 
-def preprocess(dataset: str, input_path: Path, params: Params) -> tuple[object, dict]:
+def preprocess(
+    dataset: str, input_path: Path, params: Params, primary_only: bool = True
+) -> tuple[object, dict]:
     """The whole file in memory through scdataloader's Preprocessor (the reference, and the
     only path for do_postp); returns the processed AnnData and the report."""
     import anndata
@@ -355,11 +381,15 @@ def preprocess(dataset: str, input_path: Path, params: Params) -> tuple[object, 
     relabelled, counts, registry_info = check(
         dataset, input_path, adata.obs, adata.uns, adata.var_names, counts_places(adata), params
     )
-    nnz = np.asarray((counts["counts"] > 0).sum(axis=1)).ravel()
-    refuse(dataset, input_path, check_cells_kept(n_cells, nnz, params))
+    primary = primary_cells(dataset, input_path, adata.obs, primary_only)
+    matrix, obs = counts["counts"], adata.obs
+    if primary is not None:
+        matrix, obs = matrix[primary], obs[primary]
+    nnz = np.asarray((matrix > 0).sum(axis=1)).ravel()
+    refuse(dataset, input_path, check_cells_kept(len(obs), nnz, params))
 
     # the chosen raw counts become X; raw and layers go, so the Preprocessor sees one matrix
-    clean = anndata.AnnData(X=counts["counts"], obs=adata.obs, var=counts["var"], uns=adata.uns)
+    clean = anndata.AnnData(X=matrix, obs=obs, var=counts["var"], uns=adata.uns)
     del adata
     organism = registry_info["organism"]
     from scdataloader.preprocess import Preprocessor
@@ -384,7 +414,7 @@ def preprocess(dataset: str, input_path: Path, params: Params) -> tuple[object, 
     report = make_report(
         dataset, input_path, params, counts, registry_info, relabelled, n_cells,
         processed.obs, n_vars=processed.n_vars, n_mapped=processed.n_vars - unseen,
-        unseen=unseen, started=started,
+        unseen=unseen, started=started, n_primary=len(obs), primary_only=primary_only,
     )  # fmt: skip
     return processed, report
 
@@ -405,8 +435,9 @@ def validate(dataset: str, obs, var, organism: str) -> None:
 
 def make_report(
     dataset, input_path, params, counts, registry_info, relabelled, n_cells, obs, *,
-    n_vars, n_mapped, unseen, started,
+    n_vars, n_mapped, unseen, started, n_primary, primary_only,
 ) -> dict:  # fmt: skip
+    """The QC numbers; ``cells.primary``: the unique cells (is_primary_data), before QC."""
     return {
         "dataset": dataset,
         "input": str(input_path),
@@ -414,9 +445,14 @@ def make_report(
         "counts_from": counts["where"],
         "cells": {
             "before": n_cells,
+            "primary": n_primary,
             "after": len(obs),
-            "dropped": {f"fewer than {params.min_nnz_genes} expressed genes": n_cells - len(obs)},
+            "dropped": {
+                "not primary data (copies of cells another dataset holds)": n_cells - n_primary,
+                f"fewer than {params.min_nnz_genes} expressed genes": n_primary - len(obs),
+            },
         },
+        "primary_only": primary_only,
         "genes": {
             "before": int(counts["var"].shape[0]),
             "known_to_registry": registry_info["genes_in_registry"],
@@ -436,7 +472,10 @@ def make_report(
     }
 
 
-def preprocess_chunked(dataset: str, input_path: Path, out: Path, params: Params, chunk: int):
+def preprocess_chunked(
+    dataset: str, input_path: Path, out: Path, params: Params, chunk: int,
+    primary_only: bool = True,
+):  # fmt: skip
     """The same result as ``preprocess``, read and written a chunk of cells at a time
     (scprint.data.chunked); writes ``out`` atomically and returns the report."""
     import numpy as np
@@ -453,6 +492,7 @@ def preprocess_chunked(dataset: str, input_path: Path, out: Path, params: Params
             dataset, input_path, reader.obs, reader.uns, reader.var.index, places, params
         )
         key = {w: k for w, k, _ in reader.places()}[counts["where"]]
+        primary = primary_cells(dataset, input_path, reader.obs, primary_only)
         genemap = chunked.map_genes(
             counts["var"], load_genes(registry_info["organism"]), params.is_symbol
         )
@@ -471,18 +511,24 @@ def preprocess_chunked(dataset: str, input_path: Path, out: Path, params: Params
             writer = chunked.Writer(tmp, len(genemap.var))
             try:
                 with progress(reader.n_obs, f"preprocessing {dataset}", unit="cells") as bar:
+                    offset = 0
                     for rows in reader.chunks(key, chunk):
+                        n_rows = rows.shape[0]
+                        bar.update(n_rows)
+                        if primary is not None:
+                            rows = rows[primary[offset : offset + n_rows]]
+                        offset += n_rows
                         part = chunked.transform(rows, genemap, params.min_nnz_genes, dtype)
                         writer.append(part.X)
                         parts.append(part.obs)
                         n_genes.append(part.n_genes)
                         cells += part.gene_cells
                         totals += part.gene_totals
-                        bar.update(rows.shape[0])
                         del part
                 n_genes = np.concatenate(n_genes)
-                refuse(dataset, input_path, check_cells_kept(reader.n_obs, n_genes, params))
-                kept = reader.obs[n_genes >= params.min_nnz_genes]
+                refuse(dataset, input_path, check_cells_kept(len(n_genes), n_genes, params))
+                kept = reader.obs if primary is None else reader.obs[primary]
+                kept = kept[n_genes >= params.min_nnz_genes]
                 qc = pd.concat(parts, ignore_index=True).set_axis(kept.index)
                 obs = pd.concat([kept, qc], axis=1)
                 obs["outlier"], obs["mt_outlier"] = chunked.outliers(obs)
@@ -498,9 +544,9 @@ def preprocess_chunked(dataset: str, input_path: Path, out: Path, params: Params
     finally:
         reader.close()
     return make_report(
-        dataset, input_path, params, counts, registry_info, relabelled, len(n_genes), obs,
+        dataset, input_path, params, counts, registry_info, relabelled, reader.n_obs, obs,
         n_vars=len(genemap.var), n_mapped=genemap.n_mapped, unseen=len(genemap.unseen),
-        started=started,
+        started=started, n_primary=len(n_genes), primary_only=primary_only,
     )  # fmt: skip
 
 
@@ -540,6 +586,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="load the whole dataset and run scdataloader's Preprocessor itself (the "
         "reference the chunked path equals; implied by --do-postp)",
     )
+    parser.add_argument(
+        "--primary-only",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep only cells with obs['is_primary_data'] true (CELLxGENE marks copies of "
+        "cells other datasets hold false); a dataset with none is refused",
+    )
+    parser.add_argument(
+        "--on-refused",
+        choices=("fail", "record"),
+        default="fail",
+        help="a dataset that cannot be preprocessed: fail (exit 1), or record the reason in "
+        "--report and a cell-less --out and exit 0, leaving the decision to `scprint "
+        "collection --on-refused` (the workflow does this)",
+    )
+
+
+REFUSED_KEY = "scprint_refused"  # uns key of the record `--on-refused record` writes
+
+
+def write_refused(out: str | Path, dataset: str, reason: str) -> None:
+    """The processed output of a refused dataset: an h5ad with no cells and no genes whose
+    ``uns`` says why. Every dataset then has its declared outputs, so one bad file does
+    not stop the workflow; `scprint collection` lists it as refused and registers nothing
+    of it (or stops, with ``--on-refused stop``)."""
+    import anndata
+
+    with atomic_path(out) as tmp:
+        anndata.AnnData(uns={REFUSED_KEY: reason, "dataset_id": dataset}).write_h5ad(tmp)
 
 
 def refusal_path(report: str, dataset: str) -> Path:
@@ -563,16 +638,25 @@ def run(args: argparse.Namespace) -> None:
     refusal = refusal_path(args.report, dataset)
     try:
         if args.whole_file or params.do_postp:
-            processed, report = preprocess(dataset, Path(args.input), params)
+            processed, report = preprocess(dataset, Path(args.input), params, args.primary_only)
             with atomic_path(args.out) as tmp:
                 processed.write_h5ad(tmp)
         else:
             report = preprocess_chunked(
-                dataset, Path(args.input), args.out, params, args.chunk_cells
+                dataset, Path(args.input), args.out, params, args.chunk_cells, args.primary_only
             )
-    except StageError as err:  # recorded for the report's dataset table, then raised
+    except StageError as err:  # recorded for the report's dataset table
         write_json(refusal, {"dataset": dataset, "input": str(args.input), "reason": str(err)})
-        raise
+        if args.on_refused == "fail":
+            raise
+        write_refused(args.out, dataset, str(err))
+        write_json(
+            args.report,
+            {"dataset": dataset, "input": str(args.input), "output": str(args.out),
+             "refused": str(err)},
+        )  # fmt: skip
+        log.error("%s refused (recorded in %s): %s", dataset, args.report, err)
+        return
     report["output"] = str(args.out)
     write_json(args.report, report)
     refusal.unlink(missing_ok=True)

@@ -206,13 +206,18 @@ def run(args: argparse.Namespace) -> None:
     except (OSError, ValueError) as err:
         raise StageError(f"cannot read a preprocess report: {err}. Fix: rerun preprocess") from err
     refused_dir = args.refused_dir or Path(args.reports[0]).parent / "refused"
-    rows = table_rows(reports, read_refused(Path(refused_dir)))
+    # `preprocess --on-refused record` (the workflow) writes the reason as the report
+    recorded = {r["dataset"]: r for r in read_refused(Path(refused_dir))}
+    recorded |= {r["dataset"]: {**r, "reason": r["refused"]} for r in reports if "refused" in r}
+    reports = [r for r in reports if "refused" not in r]
+    rows = table_rows(reports, list(recorded.values()))
     frame = pd.DataFrame(rows, columns=COLUMNS)
     for column in COLUMNS[4:7] + COLUMNS[8:]:
         frame[column] = frame[column].astype("Int64")
     write_table(args.table, frame, f"Datasets ({len(reports)} preprocessed)", TABLE_ID)
     plot_cells(rows, Path(args.cells))
     by_name = {Path(p).name.removesuffix(".h5ad"): Path(p) for p in args.processed}
+    by_name = {n: p for n, p in by_name.items() if n in {r["dataset"] for r in reports}}
     names = sorted(by_name)
     plot_distributions(names, [qc_values(by_name[n]) for n in names], Path(args.qc))
     log.info("datasets report: %d rows, %d distributions", len(rows), len(names))

@@ -121,6 +121,11 @@ def preprocess_reports(wildcards):
     return expand(PREPROCESS_REPORT, dataset=dataset_ids())
 
 
+def listing_rows(wildcards):
+    """Each dataset's listing row: the collection records the version it was built from."""
+    return expand(DATASET_ROW, dataset=dataset_ids())
+
+
 # Resources that follow the data (Slurm): each dataset's memory and runtime come from its
 # listing row (cells, bytes) and grow with Snakemake's `attempt`, so a job killed for
 # memory or time is resubmitted bigger (profiles/slurm: retries). Formulas: scprint/plan.py,
@@ -164,6 +169,7 @@ def preprocess_args():
         "--is-symbol" if p["is_symbol"] else "--no-is-symbol",
         "--skip-validate" if p["skip_validate"] else "--no-skip-validate",
         "--do-postp" if p.get("do_postp", False) else "--no-do-postp",
+        "--primary-only" if p["primary_only"] else "--no-primary-only",
     ]
     return " ".join(flags)
 

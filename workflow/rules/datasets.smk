@@ -87,13 +87,15 @@ rule preprocess:
         args=preprocess_args(),
     shell:
         "python -m scprint preprocess --dataset {wildcards.dataset} --input {input.raw}"
-        " --out {output.h5ad} --report {output.report} {params.args} > {log} 2>&1"
+        " --out {output.h5ad} --report {output.report} {params.args} --on-refused record"
+        " > {log} 2>&1"
 
 
 rule collection:
     input:
         processed=processed_datasets,
         reports=preprocess_reports,
+        rows=listing_rows,
     output:
         COLLECTION,
     log:
@@ -105,6 +107,7 @@ rule collection:
         runtime=collection_runtime,
     params:
         key=config["collection"]["key"],
+        on_refused=config["datasets"]["on_refused"],
     shell:
         "python -m scprint collection --processed {input.processed} --key {params.key:q}"
-        " --out {output} > {log} 2>&1"
+        " --listing {input.rows} --on-refused {params.on_refused} --out {output} > {log} 2>&1"
