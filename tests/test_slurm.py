@@ -37,6 +37,7 @@ CLUSTER_OVERRIDES = [
     "--seconds-between-status-checks", "1",
 ]  # fmt: skip
 INTERNET_PARTITION = "internet"
+SHORT_PARTITION = "short"  # MaxTime 60 minutes, below train's 2,880
 GPU_RULES = {"gene_embeddings", "train", "finetune"}
 
 
@@ -57,7 +58,7 @@ def cluster():
         _unavailable(reason)
     # munged runs as user munge: its directory must not sit under pytest's 0700 tmp dirs
     root = Path(tempfile.mkdtemp(prefix="scprint-slurm-", dir="/tmp"))
-    slurm = LocalSlurm(root, extra_partitions=(INTERNET_PARTITION,))
+    slurm = LocalSlurm(root, extra_partitions=(INTERNET_PARTITION, f"{SHORT_PARTITION}:60"))
     try:
         slurm.start()
     except ClusterUnavailable as err:
@@ -241,7 +242,13 @@ def test_each_site_setting_is_changed_on_one_line():
     assert {r for r, p in gpu.items() if p == "a100q"} == GPU_RULES
 
     model = expected_resources(set_site(text, "GPU type", "h100"))
-    assert {r for r, res in model.items() if res.get("gpu_model") == "h100"} == GPU_RULES
+    # training's type is config train.gpu_model: it goes into its per-node gres
+    assert {r for r, res in model.items() if res.get("gpu_model") == "h100"} == GPU_RULES - {
+        "train"
+    }
+
+    qos = expected_resources(set_site(text, "QoS", "gpu"))
+    assert {r for r, res in qos.items() if res.get("qos") == "gpu"} == GPU_RULES
 
     account = expected_resources(set_site(text, "account", "mylab"))
     assert {res.get("slurm_account") for res in account.values()} == {"mylab"}
@@ -284,6 +291,46 @@ def test_rules_run_in_their_partitions_and_gpu_rules_get_a_gpu(cluster, tmp_path
     assert records["train"]["Requeue"] == "1"  # the profile's slurm-requeue (cluster default: 0)
     log = (workdir / "logs" / "train.log").read_text()
     assert "srun-launch: srun --nodes=1 --ntasks=1 --cpus-per-task=8" in log
+
+
+# -- site settings ---------------------------------------------------------------------------
+
+
+@pytest.mark.slurm
+def test_a_runtime_above_the_partitions_max_time_is_refused_before_submitting(cluster, tmp_path):
+    workdir = project(tmp_path)
+    profile = workdir / "profiles" / "slurm" / "config.yaml"
+    profile.write_text(set_site(profile.read_text(), "GPU partition", SHORT_PARTITION))
+    proc = snakemake(cluster, workdir, "facts/train.txt", "facts/download.txt", check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "rule train: runtime 2880 min > MaxTime 60 min of partition 'short'" in output
+    assert "rule download" not in output  # within its partition's limit
+    assert jobs_of_run(cluster, output) == []  # nothing was submitted
+
+
+@pytest.mark.slurm
+def test_qos_and_the_train_shape_reach_sbatch(cluster, tmp_path):
+    """The profile's QoS line goes through the plugin's own `qos` resource (it refuses
+    --qos in slurm_extra); config's train shape becomes --nodes, a per-node --gres and
+    one task per GPU (one node: --gpus=N). This cluster has no accounting, so Slurm's record shows no QoS:
+    the sbatch call the plugin logs is the evidence for it."""
+    workdir = project(tmp_path)
+    profile = workdir / "profiles" / "slurm" / "config.yaml"
+    profile.write_text(set_site(profile.read_text(), "QoS", "normal"))
+    edit_profile(workdir, "train", cpus_per_task=1)  # 2 ranks on this 16-CPU node
+    proc = snakemake(
+        cluster, workdir, "facts/train.txt", "--verbose", "--config", "train_gpus_per_node=2"
+    )
+    output = proc.stdout + proc.stderr
+    (call,) = [line for line in output.splitlines() if "sbatch call:" in line]
+    assert " --qos=normal" in call and " --nodes=1" in call and " --gpus=2" in call
+    assert " --ntasks-per-gpu=1" in call and "--gres" not in call
+    (record,) = jobs_of_run(cluster, output)
+    assert record["JobState"] == "COMPLETED" and record["Partition"] == "gpu"
+    assert (record["NumNodes"], record["NumTasks"], record.get("JOB_GRES")) == ("1", "2", "gpu:2")
+    log = (workdir / "logs" / "train.log").read_text()
+    assert "srun --nodes=1 --ntasks=2 --cpus-per-task=1" in log
 
 
 # -- failures --------------------------------------------------------------------------------
@@ -405,19 +452,20 @@ def test_ddp_two_cpu_ranks_started_by_srun_agree_on_the_weights(cluster, fit_pro
     workdir = fit_project
     args = fit_args(
         "ckpt_ddp", 6,
-        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
         "--trainer.callbacks+=slurm_probe.SlurmProbe",
         "--trainer.callbacks.init_args.out_dir", "probe_ddp",
     )  # fmt: skip
-    # the profile's "several GPUs on one node" edit, with 2 (fake) GPUs; the ranks train
-    # on CPU with gloo since the GPUs are /dev/null and /dev/zero
+    # config's train.gpus_per_node: 2 (fake) GPUs, hence 2 ranks and Lightning's devices
+    # 2 from the same key; the ranks train on CPU with gloo (the GPUs are /dev/null and
+    # /dev/zero)
     profile = workdir / "profiles" / "slurm" / "config.yaml"
     original = profile.read_text()
-    edit_profile(workdir, "train", gpu=2, nodes=1, cpus_per_task=1)
+    edit_profile(workdir, "train", cpus_per_task=1)
     try:
         proc = snakemake(
             cluster, workdir, "facts/train.txt", "--config", f"fit_args={args}",
-            env=fit_env(cluster, workdir),
+            "train_gpus_per_node=2", env=fit_env(cluster, workdir),
         )  # fmt: skip
     finally:
         profile.write_text(original)

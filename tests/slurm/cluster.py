@@ -77,7 +77,7 @@ def free_port() -> int:
 class LocalSlurm:
     root: Path
 
-    extra_partitions: tuple[str, ...] = ()
+    extra_partitions: tuple[str, ...] = ()  # "name" or "name:MaxTime" (minutes)
     conf: Path = SLURM_ETC / "slurm.conf"
     lock_timeout_s: float = 1800
     _lock_fd: int | None = None
@@ -206,8 +206,8 @@ PartitionName=cpu Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes={NODE} MaxTime=INFINITE State=UP
 """
             + "".join(
-                f"PartitionName={name} Nodes={NODE} MaxTime=INFINITE State=UP\n"
-                for name in self.extra_partitions
+                f"PartitionName={name} Nodes={NODE} MaxTime={max_time or 'INFINITE'} State=UP\n"
+                for name, _, max_time in (p.partition(":") for p in self.extra_partitions)
             )
         )
         (SLURM_ETC / "gres.conf").write_text(

@@ -8,6 +8,14 @@ from snakemake.utils import validate
 
 validate(config, schema="../schemas/config.schema.yaml")
 
+
+onstart:
+    # on Slurm: every job's runtime against its partition's MaxTime, before submitting
+    from scprint.slurm import check_before_submitting
+
+    check_before_submitting(workflow)
+
+
 # Every job, local or on a cluster node, finds the laminDB instance through settings kept
 # in the project directory, runs the scprint package of this repository (also inside the
 # per-rule conda environments, which hold only the dependencies) and logs W&B offline
@@ -214,13 +222,24 @@ def init_from_inputs(wildcards):
 
 
 def train_args():
+    from scprint.slurm import trainer_args
+
     t = config["train"]
     args = [repeated("--config", t["configs"])]
+    # Lightning's num_nodes/devices from the same keys as the Slurm request (train_slurm)
+    shape = trainer_args(t["nodes"], t["gpus_per_node"])
     if t.get("init_from"):
         args.append(f"--init-from {shell_quote(t['init_from'])}")
-    if t["args"]:
-        args.append("-- " + " ".join(shell_quote(a) for a in t["args"]))
+    args.append("-- " + " ".join(shell_quote(a) for a in [*shape, *t["args"]]))
     return " ".join(args)
+
+
+def train_slurm(resource):
+    """One resource of the train job's Slurm request (scprint.slurm.train_resources)."""
+    from scprint.slurm import train_resources
+
+    t = config["train"]
+    return train_resources(t["nodes"], t["gpus_per_node"], t["gpu_model"])[resource]
 
 
 def finetune_checkpoint():

@@ -21,6 +21,14 @@ rule train:
         # reaches only the training processes. Both empty elsewhere.
         mpi="",
         launcher="",
+        # the Slurm request from config train.nodes x train.gpus_per_node (+ gpu_model):
+        # --nodes, a per-node --gres and one task per GPU (scprint/slurm.py); the same
+        # keys give Lightning its num_nodes and devices (train_args)
+        nodes=train_slurm("nodes"),
+        gpu=train_slurm("gpu"),
+        gpu_model=train_slurm("gpu_model"),
+        gres=train_slurm("gres"),
+        tasks_per_gpu=train_slurm("tasks_per_gpu"),
     params:
         run=RUN,
         args=train_args(),

@@ -1,0 +1,123 @@
+"""What the workflow asks of Slurm, decided in one place.
+
+- The train job's shape: ``train.nodes`` x ``train.gpus_per_node`` in config/config.yaml
+  become the sbatch request (``--nodes``, one task per GPU set explicitly, a per-node
+  ``--gres``) and Lightning's ``--trainer.num_nodes`` / ``--trainer.devices``, so the two
+  can never disagree. Tasks are never left to a plugin default: plugin releases >= 2.7.1
+  stopped adding ``--ntasks-per-gpu=1`` on their own, and the job then started one rank.
+- Time limits: a job whose runtime exceeds its partition's MaxTime stays PENDING forever
+  on a cluster with EnforcePartLimits=NO (Slurm's default); the workflow checks every
+  job against ``scontrol show partition`` before submitting and stops with the rule, its
+  runtime and the limit instead.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+from scprint.io import StageError
+
+
+def train_resources(nodes: int, gpus_per_node: int, gpu_model: str | None = None) -> dict:
+    """Snakemake resources of the train job for snakemake-executor-plugin-slurm.
+
+    One node: the plugin's ``gpu``/``gpu_model`` (``--gpus=[TYPE:]N``). Several nodes: a
+    per-node ``gres`` (``--gpus`` is a job total that Slurm may split unevenly across
+    nodes). Either way ``tasks_per_gpu=1`` makes the plugin send ``--ntasks-per-gpu=1``,
+    hence one rank per GPU. Unused keys are 0 or "" (the plugin skips falsy values)."""
+    if nodes < 1 or gpus_per_node < 1:
+        raise StageError(
+            f"train.nodes ({nodes}) and train.gpus_per_node ({gpus_per_node}) must be >= 1 "
+            "in config/config.yaml"
+        )
+    if nodes == 1:
+        return {"nodes": 1, "gpu": gpus_per_node, "gpu_model": gpu_model or "", "gres": "",
+                "tasks_per_gpu": 1}  # fmt: skip
+    gpu_type = f"{gpu_model}:" if gpu_model else ""
+    return {"nodes": nodes, "gpu": 0, "gpu_model": "", "gres": f"gpu:{gpu_type}{gpus_per_node}",
+            "tasks_per_gpu": 1}  # fmt: skip
+
+
+def trainer_args(nodes: int, gpus_per_node: int) -> list[str]:
+    """Lightning's view of the same shape (`scprint fit` arguments)."""
+    return ["--trainer.num_nodes", str(nodes), "--trainer.devices", str(gpus_per_node)]
+
+
+def gpu_hours_factor(nodes: int, gpus_per_node: int) -> int:
+    """GPUs a training job holds: the bill counts every one of them for the whole run."""
+    return nodes * gpus_per_node
+
+
+# -- time limits ---------------------------------------------------------------------------
+def slurm_minutes(value: str) -> int | None:
+    """Slurm's time ([D-]HH:MM:SS, MM:SS, MM) in minutes; None for UNLIMITED/INFINITE."""
+    value = value.strip()
+    if value.upper() in ("UNLIMITED", "INFINITE", "NONE", ""):
+        return None
+    days, _, rest = value.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if len(parts) == 3:
+        h, m, s = parts
+    elif len(parts) == 2:
+        h, (m, s) = 0, parts
+    else:
+        h, m, s = 0, parts[0], 0
+    return (int(days or 0) * 24 + h) * 60 + m + (1 if s else 0)
+
+
+def partition_max_time(partition: str) -> int | None:
+    """A partition's MaxTime in minutes (None: no limit), from `scontrol show partition`."""
+    proc = subprocess.run(
+        ["scontrol", "show", "partition", "-o", partition],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise StageError(
+            f"partition {partition!r}: `scontrol show partition {partition}` failed "
+            f"({(proc.stderr or proc.stdout).strip()}); set slurm_partition in "
+            "profiles/slurm/config.yaml to a partition `sinfo -s` lists"
+        )
+    match = re.search(r"\bMaxTime=(\S+)", proc.stdout)
+    return slurm_minutes(match.group(1)) if match else None
+
+
+def check_time_limits(jobs: list[tuple[str, str, int]]) -> None:
+    """Refuse jobs (rule, partition, runtime minutes) that ask more than their partition's
+    MaxTime: Slurm would keep them PENDING forever and the run would wait silently."""
+    limits: dict[str, int | None] = {}
+    too_long = {}
+    for rule, partition, runtime in jobs:
+        if not partition or not isinstance(runtime, int):
+            continue
+        if partition not in limits:
+            limits[partition] = partition_max_time(partition)
+        limit = limits[partition]
+        if limit is not None and runtime > limit:
+            too_long[rule] = (partition, runtime, limit)
+    if too_long:
+        lines = [
+            f"rule {rule}: runtime {runtime} min > MaxTime {limit} min of partition {part!r}"
+            for rule, (part, runtime, limit) in sorted(too_long.items())
+        ]
+        raise StageError(
+            "jobs ask for more time than their partition allows; Slurm would keep them "
+            "PENDING forever:\n  " + "\n  ".join(lines) + "\nfix: lower `runtime` for the "
+            "rule in profiles/slurm/config.yaml (training checkpoints and requeues itself "
+            "before the limit, so a run longer than MaxTime still finishes) or send it to a "
+            "partition with a longer MaxTime (`sinfo -o '%P %l'`)"
+        )
+
+
+def check_before_submitting(workflow) -> None:
+    """The Snakefiles' `onstart:` hook: on the Slurm executor, check every job to run
+    against its partition's MaxTime (jobs made after a checkpoint, such as per-dataset
+    downloads, are known only later and not checked here)."""
+    plugin = getattr(workflow, "executor_plugin", None)
+    if getattr(plugin, "name", None) != "slurm":
+        return
+    jobs = []
+    for job in workflow.dag.needrun_jobs():
+        resources = job.resources
+        jobs.append((job.rule.name, resources.get("slurm_partition"), resources.get("runtime")))
+    check_time_limits(jobs)
