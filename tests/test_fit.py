@@ -337,3 +337,79 @@ def test_unknown_collection_is_a_clear_error(workdir):
     assert proc.returncode == 1
     assert "no collection 'nope'" in proc.stderr and "tiny" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# upstream 2.3.8's TrainingMode, every key, as a user writes it for upstream's `scprint fit`
+UPSTREAM_TRAINING = """
+scprint_training:
+  do_denoise: true
+  noise: [0.6]
+  do_cce: false
+  cce_temp: 0.2
+  cce_scale: 0.1
+  do_ecs: false
+  ecs_threshold: 0.4
+  class_embd_diss_scale: 0.1
+  ecs_scale: 0.1
+  do_mvc: false
+  mvc_scale: 1.0
+  do_adv_cls: false
+  do_next_tp: false
+  do_generate: true
+  class_scale: 1.5
+  mask_ratio: ["TF"]
+  test_every: 20
+  warmup_duration: 100
+  fused_adam: false
+  adv_class_scale: 0.1
+  lr_reduce_patience: 2
+  lr_reduce_factor: 0.6
+  lr_reduce_monitor: val_loss
+  do_cls: true
+  do_adv_batch: false
+  run_full_forward: false
+  lr: 0.0002
+  dropout: 0.1
+  optim: adamW
+  weight_decay: 0.01
+  zinb_and_mse: false
+  var_context_length: false
+  name: o2uniqsx
+  set_step: null
+data:
+  gene_position_tolerance: 10000
+"""
+
+
+def test_an_upstream_scprint_training_section_parses_with_its_meaning(workdir, tmp_path):
+    """Every key of upstream's TrainingMode, upstream's early-stopping group on the command
+    line and the docs' data.gene_position_tolerance: accepted, with their values."""
+    import yaml
+
+    (tmp_path / "upstream.yml").write_text(UPSTREAM_TRAINING)
+    proc = run_cli(
+        ["fit", "--config", REPO / "config/base.yml", "--config", tmp_path / "upstream.yml",
+         "--scprint_early_stopping.patience", "5", "--print_config"],
+        cwd=workdir,
+    )  # fmt: skip
+    cfg = yaml.safe_load(proc.stdout)
+    training = cfg["scprint_training"]
+    assert training["mask_ratio"] == ["TF"] and training["class_scale"] == 1.5
+    assert training["warmup_duration"] == 100 and training["lr"] == 0.0002
+    assert cfg["scprint_early_stopping"]["patience"] == 5
+    assert cfg["scprint_early_stopping"]["monitor"] == "val_loss"
+    assert cfg["scprint_learning_rate_monitor"]["logging_interval"] == "step"  # base.yml's
+    assert cfg["data"]["gene_position_tolerance"] == 10000
+
+
+def test_old_training_keys_are_refused_with_the_new_name(workdir):
+    proc = run_cli(
+        ["fit", "--config", REPO / "config/base.yml", "--scprint_training.warmup_steps", "5",
+         "--scprint_training.cls_scale", "2", "--print_config"],
+        cwd=workdir,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "warmup_steps -> warmup_duration" in proc.stderr
+    assert "cls_scale -> class_scale" in proc.stderr
+    assert "Traceback" not in proc.stderr

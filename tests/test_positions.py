@@ -182,3 +182,21 @@ def test_training_ranks_are_the_parquets_for_the_demo_genes(tmp_path):
     by_chrom = ranks[ids].groupby(genes["chrom"].to_numpy())
     assert by_chrom.max()["chr2"] < by_chrom.min()["chr10"]  # a string sort puts chr10 first
     assert by_chrom.max()["chr9"] < by_chrom.min()["chr10"]
+
+
+def test_data_gene_position_tolerance_recomputes_the_files_ranks(hand_made):
+    """data.gene_position_tolerance (upstream's key) re-ranks the positions parquet from its
+    coordinates: the same ranks as the stage run with that tolerance; a file without
+    coordinates is refused with how to rebuild it."""
+    from scprint.embeddings.positions import gene_positions
+    from scprint.trainer.datamodule import rerank
+
+    coords = {"NCBITaxon:9606": hand_made}
+    built = gene_positions(["NCBITaxon:9606"], 10_000, coords)
+    for tolerance in (0, 10_000, 10**9):
+        want = gene_positions(["NCBITaxon:9606"], tolerance, coords)["pos"]
+        got = rerank(built, tolerance, "positions.parquet")["pos"]
+        pd.testing.assert_series_equal(got.reindex(want.index), want)
+    assert rerank(built, 0, "p")["pos"].max() > rerank(built, 10**9, "p")["pos"].max()
+    with pytest.raises(StageError, match="--tolerance 500"):
+        rerank(built[["pos"]], 500, "old.parquet")

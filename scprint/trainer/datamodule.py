@@ -41,6 +41,7 @@ class ScprintDataModule(L.LightningDataModule):
         max_len: int = 2200,
         gene_embeddings: str | None = None,
         gene_positions: str | None = None,
+        gene_position_tolerance: int | None = None,
         assays_to_drop: list[str] | None = None,
         replacement: bool = True,
         batch_size: int = 64,
@@ -70,6 +71,10 @@ class ScprintDataModule(L.LightningDataModule):
             gene_embeddings: parquet of gene embeddings; its index restricts the genes.
             gene_positions: parquet of genomic positions (`scprint gene-positions`), whose
                 ``pos`` ranks are used as is; None: no position encoding.
+            gene_position_tolerance: bp; genes whose start lies within this of the previous
+                gene's start share a position (upstream's key): the ranks are recomputed
+                from the file's coordinates with it. None: the file's ranks as built
+                (`gene_positions.tolerance` of the workflow config).
             assays_to_drop: EFO ids of assays left out of training.
             replacement: weighted sampling with replacement.
             batch_size, num_workers: of every DataLoader.
@@ -163,6 +168,8 @@ class ScprintDataModule(L.LightningDataModule):
         self.gene_pos = None
         if gene_positions is not None:
             positions = pd.read_parquet(gene_positions)
+            if gene_position_tolerance is not None:
+                positions = rerank(positions, gene_position_tolerance, gene_positions)
             self.gene_pos = gene_ranks(positions, self.genes)
         log.info(
             "collection %s: %d cells, %d genes, classes %s",
@@ -351,3 +358,24 @@ def __getattr__(name: str):
         _weighted_sampler()
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def rerank(positions: pd.DataFrame, tolerance: int, path: str) -> pd.DataFrame:
+    """Ranks of ``positions`` recomputed per organism with ``tolerance`` (data.
+    gene_position_tolerance) from its chrom/start/end columns."""
+    from scprint.embeddings.positions import rank_genes
+
+    missing = {"organism", "chrom", "start", "end"} - set(positions.columns)
+    if missing:
+        raise StageError(
+            f"data.gene_position_tolerance={tolerance}: {path} has no {', '.join(sorted(missing))} "
+            "column(s) to recompute positions from. Rebuild it with `scprint gene-positions "
+            f"--tolerance {tolerance} ...` (workflow: gene_positions.tolerance: {tolerance}) and "
+            "set data.gene_position_tolerance: null, or give the file `scprint gene-positions` wrote"
+        )
+    coords = positions.rename_axis("ensembl_gene_id").reset_index()
+    ranked = [
+        rank_genes(group.drop(columns="pos", errors="ignore"), tolerance)
+        for _, group in coords.groupby("organism", sort=False)
+    ]
+    return pd.concat(ranked).set_index("ensembl_gene_id")
