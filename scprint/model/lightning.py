@@ -19,7 +19,7 @@ import torch
 from scprint.model import losses, readout
 from scprint.model.genes import read_gene_embeddings
 from scprint.model.model import ScPrint, ScPrintConfig
-from scprint.model.objectives import Objectives, compute_losses, set_trainable
+from scprint.model.objectives import Corruption, Objectives, compute_losses, set_trainable
 
 OPTIMIZERS = {"adamW": torch.optim.AdamW, "adam": torch.optim.Adam}
 LR_SCHEDULES = ("plateau", "cosine")
@@ -226,6 +226,7 @@ class ScPrintModule(L.LightningModule):
         self.objectives = Objectives()
         self.optim = Optimization()
         self.tf_weights: torch.Tensor | None = None  # (n_genes,) "TF" masking weights
+        self.corruption = Corruption()  # the step's random draws (tests replay upstream's)
         self.run_config: dict | None = None  # the CLI's merged config, saved in checkpoints
         self.requested_config: dict | None = None  # ... as asked for (resume compares it)
 
@@ -268,6 +269,7 @@ class ScPrintModule(L.LightningModule):
             self.label_sets,
             step=self.global_step,
             tf_weights=self.tf_weights,
+            corruption=self.corruption,
         )
         B = batch["x"].shape[0]
         train = prefix == "train"

@@ -205,8 +205,96 @@ def noise(out: Path) -> None:
     np.savez(out / "noise.npz", **arrays)
 
 
+# schedule: upstream's TrainingMode for a few steps under a Lightning Trainer
+SCHEDULE = {"lr": 3e-3, "warmup_duration": 3, "weight_decay": 0.01, "lr_reduce_patience": 0,
+            "lr_reduce_factor": 0.5, "test_every": 1000}  # fmt: skip
+SCHEDULE_TRAINER = {"max_epochs": 2, "limit_train_batches": 3, "val_check_interval": 1,
+                    "num_sanity_val_steps": 0}  # fmt: skip
+
+
+def schedule(out: Path) -> None:
+    """Upstream's optimizer, warm-up and ReduceLROnPlateau over 6 steps (2 epochs of 3,
+    validating after each step) from the weights of ``run``; three runs:
+    ``as-is``: upstream unchanged except model.lr = scprint_training.lr (its optimizer and
+    warm-up read model.lr) and no log_adata plots at validation end;
+    ``once``: also Lightning's own epoch-end step of the plateau scheduler left out (upstream
+    steps it by hand after every validation loop, and Lightning again at each epoch's end);
+    ``model-lr``: as-is with scprint_training.lr 10x model.lr, to show which one it uses.
+    Dumps the lr after every step, each validation loss, the final weights and the draws."""
+    import lightning as L_
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    shim_torchvision()
+    import scprint.model.utils as upstream_utils
+
+    import scprint.model.model as upstream_model
+    from scprint.trainer import TrainingMode
+
+    class Plateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
+        """upstream passes verbose=True, which torch 2.13 no longer takes (it printed)"""
+
+        def __init__(self, *args, verbose=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    torch.optim.lr_scheduler.ReduceLROnPlateau = Plateau
+    data = batches()
+    cells = [
+        {"x": torch.from_numpy(data["x"][i::2]), "genes": torch.from_numpy(data["genes"][i::2]),
+         "depth": torch.from_numpy(data["depth"][i::2]),
+         "class": torch.from_numpy(data["class"][i::2])}
+        for i in range(2)
+    ]  # fmt: skip
+    train, val = [cells[0], cells[1], cells[0]], [cells[1]]
+    downsample, masker = upstream_utils.downsample_profile, upstream_model.simple_masker
+    draws: list = []
+
+    def record_downsample(*args, **kwargs):
+        res = downsample(*args, **kwargs)
+        draws.append(res.detach().clone())
+        return res
+
+    class Record(L_.Callback):
+        def __init__(self):
+            self.lr, self.val_loss = [], []
+
+        def on_train_batch_end(self, trainer, *args):
+            self.lr.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+        def on_validation_end(self, trainer, pl_module):
+            self.val_loss.append(float(trainer.callback_metrics["val_loss"]))
+
+    for variant in ("as-is", "once", "model-lr"):
+        draws.clear()
+        upstream_utils.downsample_profile = record_downsample
+        model = build_model()
+        model.log_adata = lambda *args, **kwargs: None  # plots (scanpy, matplotlib) only
+        keys = dict(SCHEDULE)
+        model.hparams.lr = keys["lr"]
+        if variant == "model-lr":
+            keys["lr"] = keys["lr"] * 10
+        if variant == "once":
+            model.lr_scheduler_step = lambda scheduler, metric: None
+        record = Record()
+        trainer = L_.Trainer(
+            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu",
+            callbacks=[TrainingMode(**keys), record], **SCHEDULE_TRAINER,
+        )  # fmt: skip
+        torch.manual_seed(2)
+        trainer.fit(model, DataLoader(train, batch_size=None), DataLoader(val, batch_size=None))
+        upstream_utils.downsample_profile = downsample
+        arrays = {"lr": np.array(record.lr), "val_loss": np.array(record.val_loss)}
+        arrays.update({f"weight/{k}": v.detach().numpy() for k, v in model.state_dict().items()})
+        arrays.update({f"draw/downsample/{i}": v.numpy() for i, v in enumerate(draws)})
+        np.savez(out / f"schedule-{variant}.npz", **arrays)
+    assert masker is upstream_model.simple_masker
+    (out / "schedule.json").write_text(json.dumps({"keys": SCHEDULE, "trainer": SCHEDULE_TRAINER}))
+
+
 if __name__ == "__main__":
-    commands = {"run": run, "noise": noise}
+    commands = {"run": run, "noise": noise, "schedule": schedule}
     if len(sys.argv) != 3 or sys.argv[1] not in commands:
-        sys.exit("usage: upstream_losses.py run|noise DIR")
+        sys.exit("usage: upstream_losses.py run|noise|schedule DIR")
     commands[sys.argv[1]](Path(sys.argv[2]))
