@@ -7,6 +7,8 @@ Sources:
   cell counts (all and primary) and an H5AD asset (url, filesize). The API publishes no
   checksum, so ``md5`` stays empty and the download verifies the size when it is known
   (``filesize: -1``, its failed size lookup, is unknown) and the HDF5 structure always.
+- ``census``: the datasets of one frozen CELLxGENE census release, through
+  ``cellxgene_census`` (scprint/data/census.py): reproducible on any date.
 - ``local``: every ``*.h5ad`` in a folder (not recursive). The dataset id is the file stem;
   organism, assay and cell count are read from the file's obs (organism falls back to
   ``uns['organism_ontology_term_id']``, where CELLxGENE schema 5+ keeps it); the url is
@@ -415,7 +417,7 @@ def select(
 
 # -- the stage --------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", choices=("cellxgene", "local"), required=True)
+    parser.add_argument("--source", choices=("cellxgene", "census", "local"), required=True)
     parser.add_argument("--out", required=True, type=Path, help="the TSV to write")
     parser.add_argument(
         "--rows-dir",
@@ -424,6 +426,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--api", default=DEFAULT_API, help="Curation API base URL")
     parser.add_argument("--local-dir", type=Path, help="folder of .h5ad files (source local)")
+    parser.add_argument(
+        "--census-version",
+        default=None,
+        help="census release (source census; default: 2023-12-15, scPRINT's corpus)",
+    )
+    parser.add_argument(
+        "--census-uri", help="open this SOMA store instead of the release on the network"
+    )
+    parser.add_argument(
+        "--census-h5ads",
+        help="base URL of the release's H5AD copies (default: the release directory's)",
+    )
     many = dict(nargs="*", action="extend", default=[])
     parser.add_argument("--organism", **many, help="NCBITaxon ids to keep (any match)")
     parser.add_argument("--assay", **many, help="EFO ids to keep (any match)")
@@ -460,6 +474,12 @@ def run(args: argparse.Namespace) -> list[DatasetRow]:
                 rate=args.rate,
                 whole_list_retries=args.whole_list_retries,
             )
+        )
+    elif args.source == "census":
+        from scprint.data.census import DEFAULT_CENSUS_VERSION, rows_from_census
+
+        rows = rows_from_census(
+            args.census_version or DEFAULT_CENSUS_VERSION, args.census_uri, args.census_h5ads
         )
     else:
         if args.local_dir is None:

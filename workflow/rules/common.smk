@@ -102,10 +102,15 @@ def listing_inputs(wildcards):
 
 def listing_args():
     ds = config["datasets"]
-    source = "cellxgene" if ds["source"] == "cellxgene" else "local"
+    source = ds["source"] if ds["source"] in ("cellxgene", "census") else "local"
     args = [f"--source {source}", organism_args(), f"--min-cells {ds['min_cells']}"]
     if source == "cellxgene":
         args.append(f"--api {shell_quote(ds['cellxgene_api'])}")
+    elif source == "census":
+        args.append(f"--census-version {shell_quote(ds['census_version'])}")
+        for key in ("census_uri", "census_h5ads"):
+            if ds.get(key):
+                args.append(f"--{key.replace('_', '-')} {shell_quote(ds[key])}")
     else:
         args.append(f"--local-dir {shell_quote(dataset_source_dir())}")
     args += [repeated("--assay", ds["assays"]), repeated("--include", ds["include"])]
