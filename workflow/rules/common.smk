@@ -172,8 +172,23 @@ def collection_runtime(wildcards, attempt):
     return collection_runtime_min(listed_datasets(), attempt)
 
 
+def preprocess_settings():
+    """config["preprocess"], with the named preset's values over it when one is set."""
+    settings = dict(config["preprocess"])
+    preset = settings.pop("preset", None)
+    if preset is None:
+        return settings
+    presets = config.get("preprocess_presets", {})
+    if preset not in presets:
+        raise ValueError(
+            f"preprocess.preset {preset!r} is not under preprocess_presets "
+            f"(there: {sorted(presets)}): fix the name in the config"
+        )
+    return {**settings, **presets[preset]}
+
+
 def preprocess_args():
-    p = config["preprocess"]
+    p = preprocess_settings()
     flags = [
         f"--min-valid-genes-id {p['min_valid_genes_id']}",
         f"--min-nnz-genes {p['min_nnz_genes']}",
