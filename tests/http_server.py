@@ -4,7 +4,9 @@ It serves byte strings registered under URL paths, answers HTTP Range requests (
 Content-Range) unless told not to, and can misbehave on purpose: drop the connection part
 way through a body, answer 500 for the first N requests, serve corrupted or truncated
 files (a wrong checksum or size with consistent headers), or trickle bytes slowly so a test
-can kill a client mid-transfer. Every request is logged (path, headers, status, bytes sent)
+can kill a client mid-transfer. Per path it can also answer an error status (the Curation
+API's CloudFront 504s), hold an answer past the client's timeout, or redirect with 302 to
+another server (as the API hands an asset off to S3). Every request is logged (path, headers, status, bytes sent)
 so tests can assert what the client asked for.
 
     with FileServer() as server:
@@ -40,6 +42,9 @@ class Faults:
     corrupt: bool = False  # flip one byte in the middle of every body (same length)
     truncate_to: int | None = None  # serve only the first N bytes as if that were the file
     bytes_per_second: float | None = None  # trickle bodies at about this rate
+    fail_paths: dict[str, int] = dataclasses.field(default_factory=dict)  # path -> times
+    stall_paths: dict[str, int] = dataclasses.field(default_factory=dict)  # path -> times
+    stall_seconds: float = 1.0  # how long a stalled answer waits before it is sent
 
 
 @dataclasses.dataclass
@@ -58,6 +63,7 @@ class FileServer:
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
+        self.redirects: dict[str, str] = {}
         self.faults = Faults()
         self.requests: list[RequestRecord] = []
         self.last_modified = formatdate(time.time() - 3600, usegmt=True)
@@ -97,6 +103,11 @@ class FileServer:
         self.files[path] = body
         return self.url(path)
 
+    def redirect(self, path: str, location: str) -> str:
+        """Answer ``path`` with 302 to ``location``; returns the URL of ``path``."""
+        self.redirects[path] = location
+        return self.url(path)
+
     def requests_for(self, path: str) -> list[RequestRecord]:
         with self._lock:
             return [r for r in self.requests if r.path == path]
@@ -125,8 +136,19 @@ class FileServer:
                     failing = faults.fail_first > 0
                     if failing:
                         faults.fail_first -= 1
+                    failing = failing or _take(faults.fail_paths, record.path)
+                    stalling = _take(faults.stall_paths, record.path)
+                if stalling:
+                    time.sleep(faults.stall_seconds)
                 if failing:
                     return self._send_simple(record, faults.fail_status, b"injected failure\n")
+                if record.path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[record.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    record.status = 302
+                    return
                 body = server.files.get(record.path)
                 if body is None:
                     return self._send_simple(record, 404, b"not found\n")
@@ -208,6 +230,14 @@ class FileServer:
                 record.status = status
 
         return Handler
+
+
+def _take(counts: dict[str, int], path: str) -> bool:
+    """Use up one of ``path``'s remaining faults; True when there was one."""
+    if counts.get(path, 0) <= 0:
+        return False
+    counts[path] -= 1
+    return True
 
 
 def write_h5ad(

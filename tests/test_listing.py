@@ -73,7 +73,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def run_listing(base: str, out, *extra: str) -> list[str]:
     """Run the stage in this process on the API at ``base``; the TSV's lines."""
-    argv = ["--source", "cellxgene", "--api", base, "--out", str(out), "--backoff", "0.01"]
+    argv = ["--source", "cellxgene", "--api", base, "--out", str(out), "--backoff", "0.001"]
+    argv += ["--rate", "1000"]
     listing.run(parse([*argv, *extra]))
     return out.read_text().splitlines()
 
@@ -208,9 +209,13 @@ def test_listing_retries_server_errors_then_succeeds(api, tmp_path):
 def test_listing_gives_up_with_a_clear_error(api, tmp_path):
     server, base = api
     server.faults.fail_first = 100
-    with pytest.raises(StageError, match=r"gave up after 3 attempts \(2 retries\).*HTTP 500"):
+    with pytest.raises(
+        StageError, match=r"/collections: gave up after 3 attempts \(2 retries\).*HTTP 500"
+    ):
         run_listing(base, tmp_path / "datasets.tsv", "--retries", "2")
-    assert len(server.requests) == 3
+    assert [r.path for r in server.requests] == ["/curation/v1/datasets"] * 3 + [
+        "/curation/v1/collections"
+    ] * 3
     assert not (tmp_path / "datasets.tsv").exists()
 
 
@@ -226,6 +231,83 @@ def test_listing_refuses_non_list_json(tmp_path):
         server.add("/api/datasets", b'{"detail": "maintenance"}')
         with pytest.raises(StageError, match="answered a dict, not a list"):
             run_listing(server.url("/api"), tmp_path / "datasets.tsv")
+
+
+# -- the real API's ways of failing (issue 20, item 4) -----------------------------------
+def serve_collections(server, catalog) -> None:
+    """The per-collection view of ``catalog``: /collections (previews), /collections/{id}."""
+    by_collection: dict[str, list] = {}
+    for dataset in catalog:
+        by_collection.setdefault(dataset["collection_id"], []).append(dataset)
+    previews = [{"collection_id": c, "name": c, "datasets": []} for c in by_collection]
+    server.add("/curation/v1/collections", json.dumps(previews).encode())
+    for collection_id, datasets in by_collection.items():
+        detail = {"collection_id": collection_id, "datasets": datasets}
+        server.add(f"/curation/v1/collections/{collection_id}", json.dumps(detail).encode())
+
+
+def test_504s_and_timeouts_fall_back_to_per_collection_requests(api, tmp_path):
+    """/datasets answers 504 every time (CloudFront); /collections stalls past the timeout
+    once and one collection answers 504 once: the listing is the same as the whole list's."""
+    server, base = api
+    expected = run_listing(base, tmp_path / "whole.tsv")
+    catalog = [{**d, "collection_id": f"c{i % 2}"} for i, d in enumerate(CATALOG)]
+    serve_collections(server, catalog)
+    server.requests.clear()
+    server.faults.fail_status = 504
+    server.faults.fail_paths = {"/curation/v1/datasets": 1000, "/curation/v1/collections/c1": 1}
+    server.faults.stall_paths = {"/curation/v1/collections": 1}
+    server.faults.stall_seconds = 0.5
+    lines = run_listing(base, tmp_path / "datasets.tsv", "--timeout", "0.2")
+    assert lines == expected
+    paths = [(r.path.rsplit("/", 1)[-1], r.status) for r in server.requests]
+    assert paths[:3] == [("datasets", 504)] * 3  # --whole-list-retries 2
+    assert paths.count(("c1", 504)) == 1 and paths.count(("c1", 200)) == 1
+    assert [name for name, _ in paths].count("collections") == 2  # the first one stalled
+    assert paths[4] == ("collections", 200)
+
+
+def test_version_change_unknown_sizes_and_an_s3_redirect(tmp_path):
+    """The API lists a dataset with ``filesize: -1`` and ``cell_count: null`` whose asset
+    URL answers 302 to a second server (S3); a later listing names a new version: only that
+    dataset's row changes, and its download fetches the new version's file."""
+    from scprint.data import download
+
+    old = write_h5ad(tmp_path / "old.h5ad", n_cells=30, seed=1).read_bytes()
+    new = write_h5ad(tmp_path / "new.h5ad", n_cells=40, seed=2).read_bytes()
+    with FileServer() as api_server, FileServer() as s3:
+        s3.add("/bucket/v1.h5ad", old)
+        s3.add("/bucket/v2.h5ad", new)
+
+        def publish(version: str) -> None:
+            asset = api_server.redirect(
+                f"/assets/{version}.h5ad", s3.url(f"/bucket/{version}.h5ad")
+            )
+            entry = api_dataset("x", [HUMAN], [TENX_V3], None, size=-1)
+            entry["assets"][1]["url"] = asset
+            entry["dataset_version_id"] = version
+            other = api_dataset("y", [HUMAN], [TENX_V3], 100)
+            api_server.add("/curation/v1/datasets", json.dumps([entry, other]).encode())
+
+        rows_dir, out = tmp_path / "listing", tmp_path / "raw" / "x.h5ad"
+        publish("v1")
+        run_listing(api_server.url("/curation/v1"), tmp_path / "1.tsv", "--rows-dir", str(rows_dir))
+        row = listing.read_listing(rows_dir / "x.tsv")["x"]
+        assert (row.size_bytes, row.n_cells, row.dataset_version_id) == (None, None, "v1")
+        download.download(row, out, backoff=0.001)
+        assert out.read_bytes() == old
+        assert [r.status for r in api_server.requests_for("/assets/v1.h5ad")] == [302]
+        assert [r.status for r in s3.requests_for("/bucket/v1.h5ad")] == [200]
+
+        mtimes = {p.name: p.stat().st_mtime_ns for p in rows_dir.iterdir()}
+        publish("v2")
+        run_listing(api_server.url("/curation/v1"), tmp_path / "2.tsv", "--rows-dir", str(rows_dir))
+        assert (rows_dir / "y.tsv").stat().st_mtime_ns == mtimes["y.tsv"]
+        row = listing.read_listing(rows_dir / "x.tsv")["x"]
+        assert row.dataset_version_id == "v2"
+        out.unlink()  # Snakemake removes a job's old output before rerunning it
+        download.download(row, out, backoff=0.001)
+        assert out.read_bytes() == new
 
 
 # -- local folder -------------------------------------------------------------------------

@@ -19,6 +19,8 @@ import pytest
 import yaml
 from conftest import REPO
 
+from scprint.data.listing import DatasetRow, format_listing
+
 SNAKEFILE = REPO / "workflow" / "Snakefile"
 EVERY_RULE = {
     "lamin_instance", "ontologies", "demo_data", "list_datasets", "download", "preprocess",
@@ -98,6 +100,40 @@ def test_config_is_validated_against_the_schema(tmp_path):
     assert proc.returncode != 0
     message = proc.stdout + proc.stderr
     assert "figshare" in message and "is not one of" in message
+
+
+def test_preprocess_preset_replaces_the_values_and_a_wrong_name_is_refused(tmp_path):
+    """config/config.yaml's scprint_v2_census preset reaches the preprocess command."""
+    workdir = make_workdir(tmp_path)
+    (workdir / "results" / "listing").mkdir(parents=True)
+    row = DatasetRow(
+        "x", "t", ("NCBITaxon:9606",), ("EFO:0009922",), 300, "http://127.0.0.1:9/x", None
+    )
+    (workdir / "results" / "listing" / "x.tsv").write_text(format_listing([row]))
+    settings = yaml.safe_load((workdir / "config" / "demo.yaml").read_text())
+    for preset, ok in (("scprint_v2_census", True), ("typo", False)):
+        settings["preprocess"]["preset"] = preset
+        settings["preprocess_presets"] = yaml.safe_load(
+            (workdir / "config" / "config.yaml").read_text()
+        )["preprocess_presets"]
+        (workdir / "config" / "preset.yaml").write_text(yaml.safe_dump(settings))
+        proc = snakemake(
+            workdir,
+            "-n",
+            "-p",
+            "--configfile=config/preset.yaml",
+            "data/processed/x.h5ad",
+            check=ok,
+        )
+        if ok:
+            assert "--min-valid-genes-id 500 --min-nnz-genes 120" in proc.stdout
+            assert "--maxdropamount 90" in proc.stdout and "--no-primary-only" in proc.stdout
+        else:
+            assert proc.returncode != 0
+            assert (
+                "preprocess.preset 'typo' is not under preprocess_presets"
+                in proc.stdout + proc.stderr
+            )
 
 
 def test_dry_run_shows_every_stage_before_anything_ran(tmp_path):

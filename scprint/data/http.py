@@ -2,7 +2,8 @@
 transfer into a ``.part`` file (`fetch_to_part`); callers verify and rename it.
 
 Connection errors, timeouts, 5xx/429 answers and bodies cut short are retried with
-exponential backoff (``backoff`` seconds, doubling, at most 60 s); an attempt that still
+exponential backoff (``backoff`` seconds, doubling, at most 60 s, each wait drawn between
+half and all of that so that many jobs failing together do not retry in step); an attempt that still
 moved the download forward does not use up a retry. A ``.part`` left by a killed run is
 resumed with an HTTP Range request guarded by ``If-Range``: the object's ETag (or, when
 it has none or a weak one, its Last-Modified) is recorded beside the ``.part`` as the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +33,11 @@ MAX_ATTEMPTS = 1000  # even when every attempt makes progress
 
 class TransientError(Exception):
     """A failure worth retrying: truncated body, resume refused, server error."""
+
+
+class RetriesExhausted(StageError):
+    """Every retry of a retryable failure (5xx, timeout, dropped connection) failed: the
+    server may still answer another request (the listing then asks per collection)."""
 
 
 def http_session():
@@ -70,7 +77,8 @@ def with_retries(
     """Call ``attempt`` until it succeeds; retryable failures wait backoff * 2**k seconds.
 
     ``progress`` (e.g. bytes on disk): a failure after which it grew does not count as one
-    of the ``retries``. Non-retryable failures (4xx) raise a StageError at once.
+    of the ``retries``. Non-retryable failures (4xx) raise a StageError at once; running out
+    of retries raises `RetriesExhausted`.
     """
     import requests
 
@@ -87,11 +95,12 @@ def with_retries(
             failures = 0 if now > last_progress else failures + 1
             last_progress = now
             if failures > retries or calls >= MAX_ATTEMPTS:
-                raise StageError(
+                raise RetriesExhausted(
                     f"{what}: gave up after {calls} attempts ({retries} retries); last "
                     f"error: {_describe(err)}; {fix}"
                 ) from err
             wait = min(backoff * 2 ** max(failures - 1, 0), MAX_WAIT_S)
+            wait *= random.uniform(0.5, 1.0)  # jitter: parallel jobs do not retry in step
             log.warning("%s: %s; retrying in %.1f s", what, _describe(err), wait)
             time.sleep(wait)
 

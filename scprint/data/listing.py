@@ -2,10 +2,13 @@
 
 Sources:
 - ``cellxgene``: CELLxGENE Discover's public Curation API, ``GET {api}/datasets`` (no key
-  needed). Each dataset gives its id and version id, title, organism and assay terms,
+  needed), or, when that keeps failing (CloudFront 504s on its one large answer),
+  ``/collections`` and then each collection's datasets (`fetch_curation_api`). Each dataset gives its id and version id, title, organism and assay terms,
   cell counts (all and primary) and an H5AD asset (url, filesize). The API publishes no
   checksum, so ``md5`` stays empty and the download verifies the size when it is known
   (``filesize: -1``, its failed size lookup, is unknown) and the HDF5 structure always.
+- ``census``: the datasets of one frozen CELLxGENE census release, through
+  ``cellxgene_census`` (scprint/data/census.py): reproducible on any date.
 - ``local``: every ``*.h5ad`` in a folder (not recursive). The dataset id is the file stem;
   organism, assay and cell count are read from the file's obs (organism falls back to
   ``uns['organism_ontology_term_id']``, where CELLxGENE schema 5+ keeps it); the url is
@@ -28,6 +31,7 @@ import dataclasses
 import hashlib
 import logging
 import re
+import time
 from pathlib import Path
 
 from scprint.io import StageError, check_dataset_id, write_text
@@ -201,32 +205,92 @@ def rows_from_curation_api(datasets: list[dict]) -> list[DatasetRow]:
     return rows
 
 
-def fetch_curation_api(api: str, retries: int, timeout: float, backoff: float) -> list[dict]:
-    """``GET {api}/datasets`` with retries; the answer must be a JSON list."""
-    from scprint.data.http import http_session, with_retries
+class CurationClient:
+    """GETs of JSON from the Curation API: retried (backoff with jitter on 5xx, timeouts and
+    dropped connections; 4xx at once) and rate-limited to ``rate`` requests a second, so
+    that hundreds of per-collection requests stay polite."""
 
-    url = api.rstrip("/") + "/datasets"
-    session = http_session()
+    def __init__(self, api: str, retries: int, timeout: float, backoff: float, rate: float):
+        from scprint.data.http import http_session
 
-    def get():
-        response = session.get(url, timeout=timeout)
-        response.raise_for_status()
-        return response
+        self.api, self.retries, self.timeout, self.backoff = (
+            api.rstrip("/"),
+            retries,
+            timeout,
+            backoff,
+        )
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self.session = http_session()
+        self._last = float("-inf")
 
-    response = with_retries(
-        get,
-        what=f"listing {url}",
-        retries=retries,
-        backoff=backoff,
-        refused_fix="check --api (the Curation API base, ending in /curation/v1)",
-    )
+    def get(self, path: str, expect: type, retries: int | None = None):
+        """The JSON answer of ``GET {api}{path}``, which must be an ``expect`` (list or dict)."""
+        from scprint.data.http import with_retries
+
+        url = self.api + path
+
+        def attempt():
+            wait = self._last + self.interval - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            self._last = time.monotonic()
+            response = self.session.get(url, timeout=self.timeout)
+            response.raise_for_status()
+            return response
+
+        response = with_retries(
+            attempt,
+            what=f"listing {url}",
+            retries=self.retries if retries is None else retries,
+            backoff=self.backoff,
+            refused_fix="check --api (the Curation API base, ending in /curation/v1)",
+        )
+        try:
+            answer = response.json()
+        except ValueError as err:
+            raise StageError(f"{url} did not answer JSON ({err}): check --api") from err
+        if not isinstance(answer, expect):
+            raise StageError(
+                f"{url} answered a {type(answer).__name__}, not a {expect.__name__}: check --api"
+            )
+        return answer
+
+
+def fetch_curation_api(
+    api: str,
+    retries: int,
+    timeout: float,
+    backoff: float,
+    rate: float = 4.0,
+    whole_list_retries: int = 2,
+) -> list[dict]:
+    """Every public dataset: ``GET {api}/datasets``, else one request per collection.
+
+    ``/datasets`` is one large answer that CloudFront often cuts with a 504; after
+    ``whole_list_retries`` retries the listing asks ``/collections`` and then each
+    ``/collections/{id}`` (which carries its datasets' full metadata), each of those
+    retried ``retries`` times. Both ways give the same dataset entries."""
+    from scprint.data.http import RetriesExhausted
+
+    client = CurationClient(api, retries, timeout, backoff, rate)
     try:
-        datasets = response.json()
-    except ValueError as err:
-        raise StageError(f"{url} did not answer JSON ({err}): check --api") from err
-    if not isinstance(datasets, list):
-        raise StageError(f"{url} answered a {type(datasets).__name__}, not a list of datasets")
-    log.info("%s: %d datasets", url, len(datasets))
+        datasets = client.get("/datasets", list, retries=min(whole_list_retries, retries))
+        log.info("%s/datasets: %d datasets", client.api, len(datasets))
+        return datasets
+    except RetriesExhausted as err:
+        log.warning("%s; asking collection by collection instead", err)
+    collections = client.get("/collections", list)
+    datasets = []
+    for number, collection in enumerate(collections, start=1):
+        collection_id = str(collection.get("collection_id") or "")
+        if not collection_id:
+            raise StageError(f"{client.api}/collections lists a collection without collection_id")
+        detail = client.get(f"/collections/{collection_id}", dict)
+        for dataset in detail.get("datasets") or []:
+            datasets.append({"collection_id": collection_id, **dataset})
+        if number % 100 == 0:
+            log.info("%d of %d collections listed", number, len(collections))
+    log.info("%s: %d datasets in %d collections", client.api, len(datasets), len(collections))
     return datasets
 
 
@@ -353,7 +417,7 @@ def select(
 
 # -- the stage --------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", choices=("cellxgene", "local"), required=True)
+    parser.add_argument("--source", choices=("cellxgene", "census", "local"), required=True)
     parser.add_argument("--out", required=True, type=Path, help="the TSV to write")
     parser.add_argument(
         "--rows-dir",
@@ -362,6 +426,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--api", default=DEFAULT_API, help="Curation API base URL")
     parser.add_argument("--local-dir", type=Path, help="folder of .h5ad files (source local)")
+    parser.add_argument(
+        "--census-version",
+        default=None,
+        help="census release (source census; default: 2023-12-15, scPRINT's corpus)",
+    )
+    parser.add_argument(
+        "--census-uri", help="open this SOMA store instead of the release on the network"
+    )
+    parser.add_argument(
+        "--census-h5ads",
+        help="base URL of the release's H5AD copies (default: the release directory's)",
+    )
     many = dict(nargs="*", action="extend", default=[])
     parser.add_argument("--organism", **many, help="NCBITaxon ids to keep (any match)")
     parser.add_argument("--assay", **many, help="EFO ids to keep (any match)")
@@ -369,10 +445,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include", **many, help="keep only these dataset ids")
     parser.add_argument("--exclude", **many, help="drop these dataset ids")
     parser.add_argument("--limit", type=int, help="keep the first N datasets by id")
-    parser.add_argument("--retries", type=int, default=5, help="retries of the API request")
+    parser.add_argument("--retries", type=int, default=5, help="retries of each API request")
+    parser.add_argument(
+        "--whole-list-retries",
+        type=int,
+        default=2,
+        help="retries of GET /datasets before asking collection by collection",
+    )
     parser.add_argument("--timeout", type=float, default=120, help="seconds per API request")
     parser.add_argument(
         "--backoff", type=float, default=2.0, help="seconds before the first retry (doubles)"
+    )
+    parser.add_argument(
+        "--rate", type=float, default=4.0, help="at most this many API requests a second"
     )
 
 
@@ -381,7 +466,20 @@ def run(args: argparse.Namespace) -> list[DatasetRow]:
         raise StageError(f"--limit must be >= 0, got {args.limit}")
     if args.source == "cellxgene":
         rows = rows_from_curation_api(
-            fetch_curation_api(args.api, args.retries, args.timeout, args.backoff)
+            fetch_curation_api(
+                args.api,
+                args.retries,
+                args.timeout,
+                args.backoff,
+                rate=args.rate,
+                whole_list_retries=args.whole_list_retries,
+            )
+        )
+    elif args.source == "census":
+        from scprint.data.census import DEFAULT_CENSUS_VERSION, rows_from_census
+
+        rows = rows_from_census(
+            args.census_version or DEFAULT_CENSUS_VERSION, args.census_uri, args.census_h5ads
         )
     else:
         if args.local_dir is None:

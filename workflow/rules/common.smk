@@ -102,10 +102,15 @@ def listing_inputs(wildcards):
 
 def listing_args():
     ds = config["datasets"]
-    source = "cellxgene" if ds["source"] == "cellxgene" else "local"
+    source = ds["source"] if ds["source"] in ("cellxgene", "census") else "local"
     args = [f"--source {source}", organism_args(), f"--min-cells {ds['min_cells']}"]
     if source == "cellxgene":
         args.append(f"--api {shell_quote(ds['cellxgene_api'])}")
+    elif source == "census":
+        args.append(f"--census-version {shell_quote(ds['census_version'])}")
+        for key in ("census_uri", "census_h5ads"):
+            if ds.get(key):
+                args.append(f"--{key.replace('_', '-')} {shell_quote(ds[key])}")
     else:
         args.append(f"--local-dir {shell_quote(dataset_source_dir())}")
     args += [repeated("--assay", ds["assays"]), repeated("--include", ds["include"])]
@@ -167,8 +172,23 @@ def collection_runtime(wildcards, attempt):
     return collection_runtime_min(listed_datasets(), attempt)
 
 
+def preprocess_settings():
+    """config["preprocess"], with the named preset's values over it when one is set."""
+    settings = dict(config["preprocess"])
+    preset = settings.pop("preset", None)
+    if preset is None:
+        return settings
+    presets = config.get("preprocess_presets", {})
+    if preset not in presets:
+        raise ValueError(
+            f"preprocess.preset {preset!r} is not under preprocess_presets "
+            f"(there: {sorted(presets)}): fix the name in the config"
+        )
+    return {**settings, **presets[preset]}
+
+
 def preprocess_args():
-    p = config["preprocess"]
+    p = preprocess_settings()
     flags = [
         f"--min-valid-genes-id {p['min_valid_genes_id']}",
         f"--min-nnz-genes {p['min_nnz_genes']}",
