@@ -41,7 +41,7 @@ class TrainingMode(L.Callback):
     def __init__(
         self,
         do_denoise: bool = True,
-        noise: list[float] | None = None,
+        noise: list[float] = [0.6],  # noqa: B006  (upstream's; copied, never mutated)
         do_cce: bool = False,
         cce_temp: float = 0.2,
         cce_scale: float = 0.1,
@@ -55,7 +55,7 @@ class TrainingMode(L.Callback):
         do_next_tp: bool = False,
         do_generate: bool = True,
         class_scale: float = 1.0,
-        mask_ratio: list[float | str] | None = None,
+        mask_ratio: list[float | str] = [],  # noqa: B006  (upstream's; copied)
         test_every: int = 20,
         warmup_duration: int = 500,
         fused_adam: bool = False,
@@ -158,8 +158,8 @@ class TrainingMode(L.Callback):
         )
         self.objectives = Objectives(
             do_denoise=do_denoise,
-            noise=[0.6] if noise is None else list(noise),
-            mask_ratio=[] if mask_ratio is None else list(mask_ratio),
+            noise=list(noise),
+            mask_ratio=list(mask_ratio),
             run_full_forward=run_full_forward,
             do_generate=do_generate,
             do_cls=do_cls,
