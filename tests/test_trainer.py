@@ -362,3 +362,14 @@ def test_checkpoint_activations_key_reaches_the_network():
     assert all(block.mlp.recompute for block in net.transformer.blocks)
     # upstream's checkpointing key recomputes too (whole blocks here)
     assert module(checkpointing=True).net.cfg.checkpoint_activations is True
+
+
+def test_resume_refuses_a_checkpoint_whose_gene_order_differs():
+    """ckpt_path onto a model built from the data: a gene vocabulary in another order would
+    give every per-gene row to another gene; the resume stops instead."""
+    model = module()
+    model.on_load_checkpoint({"scprint": {"genes": list(GENES)}})  # same order: fine
+    with pytest.raises(ValueError, match="same genes, another order"):
+        model.on_load_checkpoint({"scprint": {"genes": GENES[::-1]}})
+    with pytest.raises(ValueError, match="31 vs 30 genes"):
+        model.on_load_checkpoint({"scprint": {"genes": [*GENES, "G99"]}})

@@ -409,6 +409,20 @@ class ScPrintModule(L.LightningModule):
             "requested_config": self.requested_config,
         }
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resume (ckpt_path) onto a model built from the data: the gene vocabulary must be
+        the checkpoint's, in its order, or every per-gene row would be another gene's."""
+        saved = (checkpoint.get("scprint") or {}).get("genes")
+        if saved is not None and list(saved) != list(self.hparams.genes):
+            same_set = set(saved) == set(self.hparams.genes)
+            raise ValueError(
+                "the checkpoint's gene vocabulary is not the data's "
+                + ("(same genes, another order)" if same_set else
+                   f"({len(saved)} vs {len(self.hparams.genes)} genes)")
+                + ": resume with the collection, organisms and gene embeddings it was trained "
+                "on, or start from its weights with init_from (genes matched by name)"
+            )  # fmt: skip
+
     @classmethod
     def load(cls, path: str | Path, map_location="cpu", **overrides) -> ScPrintModule:
         """Reload a checkpoint without the training collection or the embeddings parquet."""

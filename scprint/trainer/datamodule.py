@@ -153,7 +153,15 @@ class ScprintDataModule(L.LightningDataModule):
                 f"data.organisms asks for {sorted(set(organisms) - present)} but collection "
                 f"{collection_name!r} only holds {sorted(present)}: fix data.organisms"
             )
+        # scdataloader concatenates the organisms' gene tables in the order of a set (its
+        # class_topred), which string hashing changes from process to process: the gene
+        # vocabulary, and so every checkpoint's gene table, would depend on the run. One
+        # order: organisms sorted, each organism's genes as the table lists them.
         genedf = self.inner.dataset.genedf
+        order = sorted(genedf["organism"].unique())
+        if list(dict.fromkeys(genedf["organism"])) != order:
+            genedf = pd.concat([genedf[genedf["organism"] == o] for o in order])
+            self.inner.dataset.genedf = genedf
         if gene_subset is not None:
             # the collator indexes genes in the gene table's order: make dm.genes agree
             keep = set(gene_subset)
