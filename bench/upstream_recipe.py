@@ -1,0 +1,121 @@
+"""Upstream scPRINT 2.3.8's training, as its ``scprint fit`` builds it, from given weights.
+
+Runs INSIDE the upstream venv (.bench-venv-seed) as ``python -I bench/upstream_recipe.py
+SPEC.json``; bench/recipe.py writes SPEC and reads the curve this writes. Self-contained on
+purpose (our package has the same import name): it imports nothing of this repository but
+bench/seed_step.py's torchvision stand-in.
+
+What upstream's ``scprint fit`` does, built by hand so the weights can be given without its
+``ckpt_path`` (which would also restore an optimizer and a step): scdataloader's DataModule
+on the laminDB collection (LAMIN_SETTINGS_DIR: the pipeline's SQLite instance), the model
+from an exported checkpoint (``scPrint.load_from_checkpoint``: weights only, a fresh
+optimizer), upstream's TrainingMode callback with the recipe's keys, its EarlyStopping and
+LearningRateMonitor groups, a Lightning Trainer. Neutralised, and only these:
+- ``hparams.lr`` is set to ``scprint_training.lr`` (upstream's optimizer reads the model's
+  lr, never TrainingMode's);
+- ``log_adata`` (UMAP/Leiden images, per-class accuracy of the validation cells, run at each
+  validation end) returns nothing, and ``test_every`` is larger than the run (its external
+  benchmark suite, utils.test, never runs): side effects, not losses;
+- torch 2.13's Sampler takes no argument, which scdataloader's LabelWeightedSampler passes:
+  ``Sampler.__init__`` is given one that accepts it;
+- transformer "normal", fp32 (the flash kernel and the fp16 default need a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from seed_step import shim_torchvision  # noqa: E402
+
+
+def main(spec_path: Path) -> int:
+    spec = json.loads(spec_path.read_text())
+    import numpy as np
+    import torch
+
+    shim_torchvision()
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor
+    from torch.utils.data import Sampler
+
+    Sampler.__init__ = lambda self, data_source=None: None  # scdataloader passes None
+
+    from scdataloader import DataModule
+
+    from scprint import scPrint
+    from scprint.trainer import TrainingMode
+
+    class QuietScPrint(scPrint):
+        """Upstream's model without its validation-end plotting (losses untouched)."""
+
+        def log_adata(self, *args, **kwargs):
+            return None
+
+    training = spec["scprint_training"]
+    L.seed_everything(spec["seed"])
+    model = QuietScPrint.load_from_checkpoint(
+        spec["checkpoint"],
+        map_location="cpu",
+        transformer="normal",
+        lr=training["lr"],
+        dropout=spec["dropout"],
+    )
+    data = spec["data"]
+    dm = DataModule(**data)
+    genedf = dm.dataset.genedf
+    keep = set(model.genes)
+    dm.gene_subset = [g for g in genedf.index if g in keep]
+    if list(dm.genes) != list(model.genes):
+        raise SystemExit("the DataModule's genes are not the checkpoint's, in its order")
+
+    curve: list[dict] = []
+
+    class RecordValLoss(Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.sanity_checking:
+                return
+            curve.append(
+                {
+                    "step": int(trainer.global_step),
+                    "val_loss": float(trainer.callback_metrics["val_loss"]),
+                    "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
+                    "seconds": time.perf_counter() - started,
+                }
+            )
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[
+            TrainingMode(**training),
+            EarlyStopping(monitor="val_loss", **spec["early_stopping"]),
+            LearningRateMonitor(logging_interval="step"),
+            RecordValLoss(),
+        ],
+        **spec["trainer"],
+    )
+    started = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    valid = np.asarray(dm.valid_idx).tolist()
+    out = {
+        "curve": curve,
+        "seconds": time.perf_counter() - started,
+        "valid_idx": valid,
+        "torch": torch.__version__,
+        "steps": int(trainer.global_step),
+    }
+    Path(spec["result"]).write_text(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(Path(sys.argv[1])))
