@@ -59,6 +59,7 @@ def recipe_overlay(steps: int, val_every: int, batch_size: int, split_dir: Path)
         "wandblog": None,
         "model": {"transformer": "normal"},
         "data": {
+            "collection_name": "scprint-demo",  # config/demo.yaml's collection.key
             "batch_size": batch_size,
             "n_samples_per_epoch": steps * batch_size,  # one epoch of exactly `steps`
             "num_workers": 0,
@@ -126,16 +127,18 @@ def demo_collection(workdir: Path) -> None:
 
 def build_initial_checkpoint(argv: list[str], out: str) -> None:
     """Our model as ``scprint fit`` builds it from ``argv``'s config, saved unfitted.
-    Runs in a subprocess (``python -m bench.recipe --init ...``): laminDB's settings dir is
-    read at import."""
+    Runs in a subprocess (``python -c ...``): laminDB's settings dir is read at import."""
     import lightning as L
 
-    from scprint.trainer.cli import build_cli
+    from scprint.trainer.cli import ScprintCLI, build_cli
 
-    cli = build_cli(["fit", *argv], run=False)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
-    trainer.strategy.connect(cli.model)
-    trainer.save_checkpoint(out)
+    class SaveInsteadOfFit(ScprintCLI):
+        def _run_subcommand(self, subcommand: str) -> None:
+            trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+            trainer.strategy.connect(self.model)
+            trainer.save_checkpoint(out)
+
+    build_cli(["fit", *argv], cli_class=SaveInsteadOfFit)
 
 
 def ours(workdir: Path, config: Path, init: Path, seed: int, name: str) -> dict:
