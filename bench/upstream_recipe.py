@@ -18,6 +18,7 @@ LearningRateMonitor groups, a Lightning Trainer. Neutralised, and only these:
   benchmark suite, utils.test, never runs): side effects, not losses;
 - torch 2.13's Sampler takes no argument, which scdataloader's LabelWeightedSampler passes:
   ``Sampler.__init__`` is given one that accepts it;
+- torch 2.13's ReduceLROnPlateau takes no ``verbose``, which upstream passes: dropped;
 - transformer "normal", fp32 (the flash kernel and the fp16 default need a GPU).
 """
 
@@ -40,10 +41,18 @@ def main(spec_path: Path) -> int:
 
     shim_torchvision()
     import lightning as L
-    from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor
+    from lightning.pytorch.callbacks import Callback, EarlyStopping
     from torch.utils.data import Sampler
 
     Sampler.__init__ = lambda self, data_source=None: None  # scdataloader passes None
+
+    class ReduceLROnPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
+        """torch 2.13's takes no ``verbose``, which upstream's configure_optimizers passes."""
+
+        def __init__(self, *args, verbose=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    torch.optim.lr_scheduler.ReduceLROnPlateau = ReduceLROnPlateau
 
     from scdataloader import DataModule
 
@@ -66,12 +75,10 @@ def main(spec_path: Path) -> int:
         dropout=spec["dropout"],
     )
     data = spec["data"]
-    dm = DataModule(**data)
-    genedf = dm.dataset.genedf
-    keep = set(model.genes)
-    dm.gene_subset = [g for g in genedf.index if g in keep]
-    if list(dm.genes) != list(model.genes):
-        raise SystemExit("the DataModule's genes are not the checkpoint's, in its order")
+    dm = DataModule(**data, gene_subset=list(model.genes))  # its Collator's valid genes
+    keep = set(model.genes)  # the Collator indexes them in the gene table's order
+    dm.gene_subset = [g for g in dm.dataset.genedf.index if g in keep]
+    permute_genes(model, dm.gene_subset, torch)
 
     curve: list[dict] = []
 
@@ -98,7 +105,6 @@ def main(spec_path: Path) -> int:
         callbacks=[
             TrainingMode(**training),
             EarlyStopping(monitor="val_loss", **spec["early_stopping"]),
-            LearningRateMonitor(logging_interval="step"),
             RecordValLoss(),
         ],
         **spec["trainer"],
@@ -115,6 +121,30 @@ def main(spec_path: Path) -> int:
     }
     Path(spec["result"]).write_text(json.dumps(out))
     return 0
+
+
+def permute_genes(model, genes: list[str], torch) -> None:
+    """Put the model's gene axis in ``genes``' order (the gene table's, which the Collator
+    indexes): every parameter and buffer with one row per gene is permuted alike, which
+    leaves the model the same function of (gene name, expression)."""
+    old = list(model.genes)
+    if old == genes:
+        return
+    if sorted(old) != sorted(genes):
+        raise SystemExit("the DataModule's genes are not the checkpoint's")
+    index = {g: i for i, g in enumerate(old)}
+    perm = torch.tensor([index[g] for g in genes])
+    with torch.no_grad():
+        tensors = [t for _, t in [*model.named_parameters(), *model.named_buffers()]]
+        pe = getattr(getattr(model, "pos_encoder", None), "pe", None)  # per gene
+        if pe is not None and not any(pe is t for t in tensors):
+            tensors.append(pe)
+        for tensor in tensors:
+            if tensor.ndim and tensor.shape[0] == len(old):
+                tensor.copy_(tensor[perm].clone())
+    if model.gene_pos_enc is not None:
+        model.gene_pos_enc = [model.gene_pos_enc[i] for i in perm.tolist()]
+    model.genes = genes
 
 
 if __name__ == "__main__":
