@@ -9,8 +9,9 @@ What upstream's ``scprint fit`` does, built by hand so the weights can be given 
 ``ckpt_path`` (which would also restore an optimizer and a step): scdataloader's DataModule
 on the laminDB collection (LAMIN_SETTINGS_DIR: the pipeline's SQLite instance), the model
 from an exported checkpoint (``scPrint.load_from_checkpoint``: weights only, a fresh
-optimizer), upstream's TrainingMode callback with the recipe's keys, its EarlyStopping and
-LearningRateMonitor groups, a Lightning Trainer. Neutralised, and only these:
+optimizer), upstream's TrainingMode callback with the recipe's keys, its EarlyStopping
+group (no LearningRateMonitor: it logs only, and refuses a Trainer without a logger), a
+Lightning Trainer. Neutralised, and only these:
 - ``hparams.lr`` is set to ``scprint_training.lr`` (upstream's optimizer reads the model's
   lr, never TrainingMode's);
 - ``log_adata`` (UMAP/Leiden images, per-class accuracy of the validation cells, run at each
