@@ -22,6 +22,7 @@ SECTIONS = {
     "embeddings": "ESM gene embeddings: proteins/s vs a notebook loop (650M shape on GPU)",
     "finetune": "fine-tuning step: LoRA vs full fine-tuning, ms and peak memory",
     "gpu": "model step on a GPU: tokens/s, MFU, memory (skipped without CUDA)",
+    "recipe": "training recipe vs upstream 2.3.8's scprint fit: validation loss curves",
 }
 
 
