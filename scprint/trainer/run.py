@@ -249,7 +249,9 @@ def metrics_history(state: Path):
 
 def first_and_last(history) -> dict[str, dict]:
     """Each validation metric's first and last logged value (and their steps), so the
-    summary says whether the run learned: losses should fall, accuracies and kNN rise."""
+    summary says whether the run learned: losses should fall, accuracies and kNN rise.
+    From MetricsLog's history (every start of a resumed run); empty when a CSVLogger in
+    trainer.logger stands in for it."""
     out = {}
     for name in sorted(c for c in history.columns if c == "val_loss" or c.startswith("val/")):
         logged = history[["step", name]].dropna().sort_values("step", kind="stable")
