@@ -63,6 +63,29 @@ def test_counts_are_raw_integers_and_normalized_dataset_keeps_them_in_raw(demo_d
             assert adata.raw is None
 
 
+def test_cell_types_are_learnable_from_a_short_context_of_expressed_genes(demo_dir):
+    """What the demo's training sees of a cell (data.max_len 128 of its expressed genes)
+    names its type: a 5-NN on those genes' normalised counts gets >= 90% of the cells
+    right in every dataset (the first demo's markers, also expressed elsewhere: ~2 in 3)."""
+    rng = np.random.default_rng(0)
+    for spec in demo.DATASETS:
+        adata = ad.read_h5ad(demo_dir / "datasets" / f"{spec.dataset_id}.h5ad")
+        counts = (adata.raw.X if spec.normalized_x else adata.X).toarray()
+        seen = np.zeros_like(counts)
+        for i, row in enumerate(counts):
+            genes = rng.choice(np.flatnonzero(row), size=128, replace=False)
+            seen[i, genes] = row[genes]
+        features = np.log1p(seen / seen.sum(axis=1, keepdims=True) * 1e4)
+        features /= np.linalg.norm(features, axis=1, keepdims=True)
+        similarity = features @ features.T
+        np.fill_diagonal(similarity, -np.inf)  # leave one out
+        labels = adata.obs["cell_type_ontology_term_id"].cat.codes.to_numpy()
+        neighbours = labels[np.argsort(-similarity, axis=1)[:, :5]]
+        votes = np.apply_along_axis(np.bincount, 1, neighbours, minlength=labels.max() + 1)
+        accuracy = (votes.argmax(axis=1) == labels).mean()
+        assert accuracy >= 0.9, f"{spec.dataset_id}: 5-NN accuracy {accuracy:.2f}"
+
+
 def test_gene_ids_are_real_gencode_ids_of_the_organism(demo_dir):
     from scprint.data.organisms import gene_table
 

