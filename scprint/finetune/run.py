@@ -321,8 +321,12 @@ def finetune(
              trainable, 100 * trainable / model_params, model_params)  # fmt: skip
 
     out = Path(out_dir)
-    key = {"checkpoint": str(checkpoint), "data": asdict(data), "lora": asdict(lora),
-           "train": asdict(train), "labels": cells.labels}  # fmt: skip
+    # the base checkpoint's size and mtime too: a retrained base under the same path must
+    # not resume the adapters fitted to the old one
+    stat = Path(checkpoint).stat()
+    key = {"checkpoint": str(checkpoint), "checkpoint_stat": [stat.st_size, stat.st_mtime_ns],
+           "data": asdict(data), "lora": asdict(lora), "train": asdict(train),
+           "labels": cells.labels}  # fmt: skip
     losses = train_epochs(peft_model, train_set, train, device, out / "state.pt", key)
     logits = predict(peft_model, _loader(test_set, train.batch_size), device, train.precision)
     after = scores(test_y, logits.argmax(1))
