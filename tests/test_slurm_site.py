@@ -27,6 +27,7 @@ from test_slurm import (
     project,
     run_id,
     set_site,
+    wait_for,
 )
 
 # the plugin's defaults (sacct for states), only the poll intervals shortened
@@ -115,14 +116,21 @@ def site_jobs(site: SiteSlurm, output: str) -> dict[str, dict]:
 
 
 @pytest.mark.slurm
-def test_the_site_refuses_a_gpu_job_without_its_qos(site, tmp_path):
-    """The cluster is what a site is: without --qos=gpu the GPU partition refuses a job."""
-    proc = subprocess.run(
-        ["runuser", "-u", SUBMITTER, "--", "sbatch", "-p", "gpu", "-A", ACCOUNT,
-         f"--gpus={GPU_TYPE}:1", "--wrap", "true"],
-        env=site.env(), capture_output=True, text=True, cwd="/tmp",
+def test_the_gpu_partition_admits_only_its_qos(site):
+    """The cluster is what a site is: a job on the GPU partition without --qos=gpu is held
+    (EnforcePartLimits=NO, Slurm's default: it waits, it is not refused)."""
+    proc = site.run(
+        "runuser", "-u", SUBMITTER, "--", "sbatch", "--parsable", "-p", "gpu", "-A", ACCOUNT,
+        f"--gpus={GPU_TYPE}:1", "-o", "/dev/null", "--wrap", "true",
     )  # fmt: skip
-    assert proc.returncode != 0 and "qos" in proc.stderr.lower(), proc.stderr
+    job = proc.stdout.strip()
+    try:
+        wait_for(
+            lambda: "QOS not permitted" in site.run("squeue", "-h", "-j", job, "-o", "%r").stdout,
+            timeout=60, what="the job to be held for its QoS",
+        )  # fmt: skip
+    finally:
+        site.run("scancel", job)
 
 
 @pytest.mark.slurm

@@ -102,9 +102,12 @@ class SiteSlurm(LocalSlurm):
         self._associations()
         self._daemon(["slurmctld"], "slurmctld.log")
         for node in NODES:
+            (self.root / "spool" / node).mkdir(exist_ok=True)
             # its own hostname (UTS namespace) inside its own network namespace
             self._daemon(
-                ["ip", "netns", "exec", netns(node), "unshare", "--uts", "sh", "-c",
+                # nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup
+                # filesystem slurmd reads at start
+                ["nsenter", f"--net=/run/netns/{netns(node)}", "unshare", "--uts", "sh", "-c",
                  f"hostname {node} && exec slurmd -N {node} -f {self.conf}"],
                 f"slurmd-{node}.log",
             )  # fmt: skip
@@ -261,6 +264,8 @@ GresTypes=gpu
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort={dbd_port}
+# for slurmdbd connections the munge socket is this setting, not AuthInfo
+AccountingStoragePass={self.munge_socket}
 AccountingStorageEnforce=associations,limits,qos
 AccountingStorageTRES=gres/gpu,gres/gpu:{GPU_TYPE}
 JobAcctGatherType=jobacct_gather/none
@@ -333,7 +338,14 @@ def main(argv: list[str]) -> int:
         print("usage: site.py start|stop DIR", file=sys.stderr)
         return 2
     cluster = SiteSlurm(Path(argv[1]).resolve())
-    cluster.start() if argv[0] == "start" else cluster.stop()
+    if argv[0] == "stop":
+        cluster.stop()
+        return 0
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
     return 0
 
 
