@@ -1,4 +1,4 @@
-"""profiles/slurm on a cluster shaped like a real site (tests/slurm/site.py): accounting
+"""profiles/slurm on a cluster shaped like a real site (tests/slurm/site_cluster.py): accounting
 enforced through slurmdbd, an account and QoS the GPU partition requires, typed GPUs, two
 nodes in their own network namespaces, a non-root submitter, job states from sacct.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from slurm.cluster import ClusterUnavailable
-from slurm.site import ACCOUNT, GPU_TYPE, NODES, SUBMITTER, SiteSlurm, why_site_unavailable
+from slurm.site_cluster import ACCOUNT, GPU_TYPE, NODES, SUBMITTER, SiteSlurm, why_site_unavailable
 from test_slurm import (
     TEST_SNAKEFILE,
     edit_profile,
@@ -85,7 +85,7 @@ def snakemake_as_user(site: SiteSlurm, workdir: Path, *args: str, env: dict | No
         XDG_CACHE_HOME=str(workdir / ".cache"),
     )  # fmt: skip
     cmd = [
-        "runuser", "-u", SUBMITTER, "--", sys.executable, "-m", "snakemake",
+        *site.as_submitter(sys.executable), "-m", "snakemake",
         "-s", str(TEST_SNAKEFILE), "-d", str(workdir), "--profile", "profiles/slurm",
         *FAST_POLLS, *args,
     ]  # fmt: skip
@@ -120,7 +120,7 @@ def test_the_gpu_partition_admits_only_its_qos(site):
     """The cluster is what a site is: a job on the GPU partition without --qos=gpu is held
     (EnforcePartLimits=NO, Slurm's default: it waits, it is not refused)."""
     proc = site.run(
-        "runuser", "-u", SUBMITTER, "--", "sbatch", "--parsable", "-p", "gpu", "-A", ACCOUNT,
+        *site.as_submitter("sbatch"), "--parsable", "-p", "gpu", "-A", ACCOUNT,
         f"--gpus={GPU_TYPE}:1", "-o", "/dev/null", "--wrap", "true",
     )  # fmt: skip
     job = proc.stdout.strip()

@@ -20,7 +20,7 @@ Memory is not enforced (TaskPlugin=task/none, no cgroup): the nodes share the ho
 this container does not give (see docs/dev-notes.md).
 
 Needs root, ``slurmctld slurmd slurm-client slurmdbd munge mariadb-server`` and iproute2.
-Run by hand: ``python tests/slurm/site.py start DIR`` / ``stop DIR``.
+Run by hand: ``python tests/slurm/site_cluster.py start DIR`` / ``stop DIR``.
 """
 
 from __future__ import annotations
@@ -107,11 +107,34 @@ class SiteSlurm(LocalSlurm):
             self._daemon(
                 # nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup
                 # filesystem slurmd reads at start
-                ["nsenter", f"--net=/run/netns/{netns(node)}", "unshare", "--uts", "sh", "-c",
-                 f"hostname {node} && exec slurmd -N {node} -f {self.conf}"],
+                ["nsenter", f"--net=/run/netns/{netns(node)}", "unshare", "--uts", "--mount",
+                 "sh", "-c",
+                 f"{self.python_view()} hostname {node} && exec slurmd -N {node} -f {self.conf}"],
                 f"slurmd-{node}.log",
             )  # fmt: skip
         self._wait(self._nodes_idle, timeout_s, "both nodes to be idle")
+
+    def python_view(self) -> str:
+        """Shell commands (run in a new mount namespace) that let a non-root user reach
+        this Python where it sits under a directory only root may enter (pyenv in /root,
+        mode 0700): that directory is covered by a 0755 one holding just the interpreter's
+        tree. Empty where the interpreter is reachable already."""
+        real = Path(sys.executable).resolve()
+        for parent in reversed(real.parents):
+            if parent != Path("/") and not parent.stat().st_mode & 0o001:
+                child = real.relative_to(parent).parts[0]
+                view = self.root / "python-view"
+                return (
+                    f"mount --make-rprivate / && mkdir -p {view}/{child} && chmod 755 {view} "
+                    f"&& mount --bind {parent}/{child} {view}/{child} "
+                    f"&& mount --rbind {view} {parent} && "
+                )
+        return ""
+
+    def as_submitter(self, *args: str) -> list[str]:
+        """A command line that runs ``args`` as the non-root submitter."""
+        return ["unshare", "--mount", "sh", "-c",
+                f'{self.python_view()} exec runuser -u {SUBMITTER} -- "$@"', "sh", *args]  # fmt: skip
 
     # -- pieces -------------------------------------------------------------------------
 
@@ -335,7 +358,7 @@ def _terminate(pidfile: Path) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] not in ("start", "stop"):
-        print("usage: site.py start|stop DIR", file=sys.stderr)
+        print("usage: site_cluster.py start|stop DIR", file=sys.stderr)
         return 2
     cluster = SiteSlurm(Path(argv[1]).resolve())
     if argv[0] == "stop":
