@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -316,11 +317,14 @@ PartitionName=short Nodes=node[1-2] AllowQos=gpu MaxTime=60 State=UP
         )
 
     def stop(self, unlock: bool = True) -> None:
-        pidfiles = [self.root / "run" / f"slurmd-{n}.pid" for n in NODES] + [
-            self.root / "run" / name for name in ("slurmctld.pid", "slurmdbd.pid", "mysqld.pid")
-        ]
-        for pidfile in pidfiles:
+        run = self.root / "run"
+        for pidfile in [run / f"slurmd-{n}.pid" for n in NODES] + [
+            run / "slurmctld.pid",
+            run / "slurmdbd.pid",
+        ]:
             _terminate(pidfile)
+        # the database is thrown away with the directory: no clean shutdown (15 s) needed
+        _terminate(run / "mysqld.pid", signal.SIGKILL)
         for node in NODES:
             self._ip("netns", "del", netns(node), check=False)  # removes its veth pair too
         self._ip("link", "del", BRIDGE, check=False)
@@ -338,20 +342,23 @@ PartitionName=short Nodes=node[1-2] AllowQos=gpu MaxTime=60 State=UP
         return dict(zip(fields.split(","), line.split("|"), strict=True))
 
 
-def _terminate(pidfile: Path) -> None:
-    import signal
-
+def _terminate(pidfile: Path, sig: int = signal.SIGTERM, timeout_s: float = 15) -> None:
+    """Stop the daemon of ``pidfile``; SIGKILL if it outlives ``timeout_s``."""
     try:
         pid = int(pidfile.read_text().strip())
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, sig)
     except (FileNotFoundError, ValueError, ProcessLookupError):
         pidfile.unlink(missing_ok=True)
         return
-    for _ in range(150):
+    deadline = time.monotonic() + timeout_s
+    while True:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            deadline = float("inf")
         time.sleep(0.1)
     pidfile.unlink(missing_ok=True)
 
