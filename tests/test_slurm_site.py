@@ -229,5 +229,8 @@ def test_training_on_two_nodes_one_rank_each(site):
             assert r["end_step"] == 6 and r["end_digest"] != r["start_digest"], r
         assert ranks[0]["end_digest"] == ranks[1]["end_digest"]
         assert ranks[0]["val_metrics"] and ranks[0]["val_metrics"] == ranks[1]["val_metrics"]
+        log = (workdir / "logs" / "train.log").read_text()
+        assert "srun-launch: job " in log and " on nodes node[1-2]" in log, log[-3000:]
+        assert "MEMBER: 1/2" in log and "MEMBER: 2/2" in log, log[-3000:]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
