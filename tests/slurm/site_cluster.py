@@ -342,6 +342,21 @@ PartitionName=short Nodes=node[1-2] AllowQos=gpu MaxTime=60 State=UP
         return dict(zip(fields.split(","), line.split("|"), strict=True))
 
 
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (MariaDB is a child of the test process until it is reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    if state == "Z":
+        try:
+            os.waitpid(pid, os.WNOHANG)  # reap it where it is ours
+        except ChildProcessError:
+            pass
+        return False
+    return True
+
+
 def _terminate(pidfile: Path, sig: int = signal.SIGTERM, timeout_s: float = 15) -> None:
     """Stop the daemon of ``pidfile``; SIGKILL if it outlives ``timeout_s``."""
     try:
@@ -351,11 +366,7 @@ def _terminate(pidfile: Path, sig: int = signal.SIGTERM, timeout_s: float = 15) 
         pidfile.unlink(missing_ok=True)
         return
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
+    while _alive(pid):
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
             deadline = float("inf")
