@@ -135,19 +135,32 @@ def load_config(paths: list[Path]) -> dict:
     return config
 
 
-def training_cells(config: dict) -> tuple[int, str]:
+def training_cells(config: dict, gpus: int = 1) -> tuple[int, str]:
+    """Cells the run trains on. max_steps counts steps of data.batch_size on EVERY rank
+    (Lightning's per-device batch), so the cells grow with the GPUs; an epoch's
+    n_samples_per_epoch is split across the ranks (Lightning wraps the sampler in its
+    DistributedSamplerWrapper), so they do not."""
     trainer, data = config.get("trainer", {}), config.get("data", {})
     batch = int(data.get("batch_size", 64))
     if int(trainer.get("max_steps", -1) or -1) > 0:
         steps = int(trainer["max_steps"])
-        return steps * batch, f"trainer.max_steps {steps} x data.batch_size {batch} (one GPU)"
+        return steps * batch * gpus, (
+            f"trainer.max_steps {steps} x data.batch_size {batch} x {gpus} GPU"
+            + ("s" if gpus > 1 else "")
+        )
     epochs = int(trainer.get("max_epochs", 1))
     per_epoch = int(data.get("n_samples_per_epoch", 0))
     return epochs * per_epoch, f"trainer.max_epochs {epochs} x data.n_samples_per_epoch {per_epoch}"
 
 
-def plan(listing: Path, configs: list[Path], bench: Path = BENCH) -> dict:
+def plan(
+    listing: Path, configs: list[Path], bench: Path = BENCH, nodes: int = 1, gpus_per_node: int = 1
+) -> dict:
+    """The bill. ``nodes`` x ``gpus_per_node`` is the train job's shape (config train.nodes,
+    train.gpus_per_node): the job holds every one of those GPUs for its whole wall time,
+    so GPU-hours = wall hours x GPUs."""
     from scprint.data.listing import read_listing
+    from scprint.slurm import gpu_hours_factor
 
     rows = list(read_listing(listing).values())
     config = load_config(configs)
@@ -160,7 +173,10 @@ def plan(listing: Path, configs: list[Path], bench: Path = BENCH) -> dict:
     processed = download / 2
     pre_rate, pre_source = preprocess_rate(bench)
     ms_cell, train_source = train_rate(config, bench)
-    train_cells, train_how = training_cells(config)
+    gpus = gpu_hours_factor(nodes, gpus_per_node)
+    train_cells, train_how = training_cells(config, gpus)
+    # every GPU trains its share of the cells at the measured rate at the same time
+    train_wall_hours = train_cells * ms_cell / 3.6e6 / gpus
     largest = max(rows, key=lambda r: r.n_cells or 0, default=None)
     return {
         "datasets": len(rows),
@@ -179,7 +195,9 @@ def plan(listing: Path, configs: list[Path], bench: Path = BENCH) -> dict:
         "preprocess_rate": {"cells_per_s": round(pre_rate, 1), "from": pre_source},
         "train_cells": train_cells,
         "train_cells_how": train_how,
-        "train_gpu_hours": round(train_cells * ms_cell / 3.6e6, 2),
+        "train_gpu_hours": round(train_wall_hours * gpus, 2),
+        "train_wall_hours": round(train_wall_hours, 2),
+        "train_shape": {"nodes": nodes, "gpus_per_node": gpus_per_node, "gpus": gpus},
         "train_rate": {"ms_per_cell": round(ms_cell, 3), "from": train_source},
         "largest_dataset": None
         if largest is None
@@ -196,6 +214,7 @@ def plan(listing: Path, configs: list[Path], bench: Path = BENCH) -> dict:
 
 
 def render(bill: dict) -> str:
+    shape = bill["train_shape"]
     lines = [
         f"datasets:              {bill['datasets']:,}",
         f"cells:                 {bill['cells']:,}",
@@ -215,6 +234,8 @@ def render(bill: dict) -> str:
         f"training:              {bill['train_gpu_hours']:,} GPU-hours for "
         f"{bill['train_cells']:,} cells ({bill['train_cells_how']}) at "
         f"{bill['train_rate']['ms_per_cell']} ms a cell ({bill['train_rate']['from']})",
+        f"  on {shape['nodes']} node(s) x {shape['gpus_per_node']} GPU(s) = {shape['gpus']} "
+        f"GPUs: {bill['train_wall_hours']:,} hours of wall time, each GPU held throughout",
     ]
     big = bill["largest_dataset"]
     if big:
@@ -232,12 +253,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--bench", type=Path, default=BENCH, help="measured rates (bench/results)")
     parser.add_argument("--out", type=Path, help="also write the plan as JSON here")
+    parser.add_argument(
+        "--nodes", type=int, default=1, help="nodes of the train job (config train.nodes)"
+    )
+    parser.add_argument(
+        "--gpus-per-node", type=int, default=1,
+        help="GPUs a node of the train job (config train.gpus_per_node)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict:
     if not args.config:
         raise StageError("scprint plan needs the training config: --config config/base.yml ...")
-    bill = plan(args.listing, args.config, args.bench)
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise StageError(
+            f"--nodes ({args.nodes}) and --gpus-per-node ({args.gpus_per_node}) must be >= 1 "
+            "(config train.nodes / train.gpus_per_node)"
+        )
+    bill = plan(args.listing, args.config, args.bench, args.nodes, args.gpus_per_node)
     print(render(bill), flush=True)
     if args.out:
         write_json(args.out, bill)

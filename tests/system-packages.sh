@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The system packages some tests need, installed by `make test` where it can: Slurm + munge
-# for the real local cluster of tests/test_slurm.py, Chromium + its driver for the report's
+# for the real local cluster of tests/test_slurm.py, slurmdbd + MariaDB for the site-shaped
+# one of tests/test_slurm_site.py (42 s, 193 MB), Chromium + its driver for the report's
 # browser test. Idempotent: when every package is installed it exits at once, touching
 # nothing. Installs only as root on a machine with apt-get (Debian/Ubuntu); elsewhere it
 # prints one line naming what is missing and exits 0, and those tests skip with the reason,
 # unless SCPRINT_REQUIRE_SYSTEM_PACKAGES=1 (CI, .ci/run): then it fails.
 set -euo pipefail
 
-PACKAGES=${SCPRINT_SYSTEM_PACKAGES:-"slurmctld slurmd slurm-client munge chromium chromium-driver"}
+PACKAGES=${SCPRINT_SYSTEM_PACKAGES:-"slurmctld slurmd slurm-client munge slurmdbd mariadb-server chromium chromium-driver"}
 
 installed() {
     [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]

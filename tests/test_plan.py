@@ -76,6 +76,30 @@ def test_plan_of_the_demo_listing_and_max_steps(tmp_path):
     assert bill["train_cells"] == 16_000 and "small" in bill["train_rate"]["from"]
 
 
+def test_the_bill_counts_every_gpu_of_a_multi_node_train_job(tmp_path):
+    """2 nodes x 4 GPUs: max_steps runs data.batch_size on each of the 8 ranks (8x the cells,
+    8x the GPU-hours, the same wall time); an epoch's samples are split across the ranks
+    (the same GPU-hours, an eighth of the wall time)."""
+    big_listing(tmp_path / "datasets.tsv", n=3)
+    (tmp_path / "steps.yml").write_text("trainer:\n  max_steps: 1000000\ndata:\n  batch_size: 16\n")
+    steps = [CONFIGS[0], tmp_path / "steps.yml"]
+    one = plan.plan(tmp_path / "datasets.tsv", steps)
+    eight = plan.plan(tmp_path / "datasets.tsv", steps, nodes=2, gpus_per_node=4)
+    assert (one["train_cells"], eight["train_cells"]) == (16_000_000, 128_000_000)
+    assert eight["train_shape"] == {"nodes": 2, "gpus_per_node": 4, "gpus": 8}
+    assert eight["train_wall_hours"] == one["train_wall_hours"] == one["train_gpu_hours"] > 0
+    assert eight["train_gpu_hours"] == pytest.approx(8 * one["train_gpu_hours"], rel=1e-3)
+    assert "x 8 GPUs" in eight["train_cells_how"]
+    text = plan.render(eight)
+    assert "on 2 node(s) x 4 GPU(s) = 8 GPUs" in text and "each GPU held throughout" in text
+
+    epochs = plan.plan(tmp_path / "datasets.tsv", CONFIGS, nodes=2, gpus_per_node=4)
+    alone = plan.plan(tmp_path / "datasets.tsv", CONFIGS)
+    assert epochs["train_cells"] == alone["train_cells"] == 30_000_000
+    assert epochs["train_gpu_hours"] == pytest.approx(alone["train_gpu_hours"], rel=1e-3)
+    assert epochs["train_wall_hours"] == pytest.approx(alone["train_wall_hours"] / 8, rel=1e-3)
+
+
 def test_plan_needs_the_training_config(tmp_path):
     big_listing(tmp_path / "datasets.tsv", n=3)
     proc = run_cli(["plan", "--listing", "datasets.tsv"], cwd=tmp_path, check=False)

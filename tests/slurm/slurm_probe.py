@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -60,6 +61,7 @@ class SlurmProbe(L.Callback):
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.record = {
             "rank": trainer.global_rank,
+            "host": socket.gethostname(),  # a node's own name in its UTS namespace
             "world_size": trainer.world_size,
             "restarts": self.restarts,
             "job_id": os.environ.get("SLURM_JOB_ID"),
@@ -80,6 +82,16 @@ class SlurmProbe(L.Callback):
             deadline = time.monotonic() + self.pause_s
             while time.monotonic() < deadline:  # the requeue signal arrives here
                 time.sleep(0.2)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """The validation metrics this rank logged: gathered over the ranks, they are the
+        same on every rank; computed from one rank's cells, they would differ."""
+        if trainer.sanity_checking:
+            return
+        self.record["val_metrics"] = {
+            k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val")
+        }
+        self._write(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.record["end_step"] = trainer.global_step

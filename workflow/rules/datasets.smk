@@ -44,9 +44,12 @@ rule plan:
         "../../envs/data.yaml"
     params:
         configs=lambda wildcards, input: repeated("--config", input.configs),
+        # the train job's shape: the bill counts every GPU it holds
+        nodes=config["train"]["nodes"],
+        gpus_per_node=config["train"]["gpus_per_node"],
     shell:
         "python -m scprint plan --listing {input.listing} {params.configs} --out {output}"
-        " 2>&1 | tee {log}"
+        " --nodes {params.nodes} --gpus-per-node {params.gpus_per_node} 2>&1 | tee {log}"
 
 
 rule download:
