@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from urllib.parse import urlparse
 
-from scprint.data.listing import DatasetRow
+from scprint.data.listing_rows import DatasetRow
 from scprint.io import StageError
 
 log = logging.getLogger(__name__)
