@@ -499,19 +499,28 @@ def test_a_truncated_download_never_enters_the_cache(tmp_path):
 
 def test_fasta_download_resumes_a_part_left_by_a_killed_run(tmp_path):
     """proteins.fetch goes through the stages' one HTTP path (scprint.data.http): a .part
-    in the cache is resumed with a Range request, then checked and renamed into place."""
+    in the cache, with the ETag its run recorded, is resumed with a Range + If-Range
+    request, then checked and renamed into place."""
+    import hashlib
+
     from http_server import FileServer
+
+    from scprint.data.http import validator_path
 
     whole = gzip.compress(fasta_text().encode(), mtime=0)
     with FileServer() as server:
         url = server.add("/pub/x.pep.all.fa.gz", whole)
         target = proteins.cache_path(url, tmp_path / "cache")
         target.parent.mkdir(parents=True)
-        target.with_name(target.name + ".part").write_bytes(whole[:100])
+        part = target.with_name(target.name + ".part")
+        part.write_bytes(whole[:100])
+        etag = f'"{hashlib.md5(whole).hexdigest()}"'  # what the killed run recorded
+        validator_path(part).write_text(etag + "\n")
         assert proteins.fetch(url, tmp_path / "cache") == target
         assert server.requests[0].headers.get("Range") == "bytes=100-"
+        assert server.requests[0].headers.get("If-Range") == etag
     assert target.read_bytes() == whole
-    assert not target.with_name(target.name + ".part").exists()
+    assert not part.exists()
 
 
 def test_ensembl_url_names_species_and_assembly():

@@ -104,8 +104,12 @@ def test_counts_in_x(workdir):
     assert report["counts_from"] == "X"
     assert report["cells"] == {
         "before": 120,
+        "primary": 120,  # every cell is primary data here
         "after": processed.n_obs,
-        "dropped": {"fewer than 200 expressed genes": 120 - processed.n_obs},
+        "dropped": {
+            "not primary data (copies of cells another dataset holds)": 0,
+            "fewer than 200 expressed genes": 120 - processed.n_obs,
+        },
     }
     assert report["genes"]["before"] == N_GENES
     assert report["genes"]["known_to_registry"] == N_GENES

@@ -190,7 +190,7 @@ def fetch(url: str, cache_dir: str | Path, attempts: int = 3) -> Path:
     """The cached copy of ``url``, downloading it once if absent: through the stages' one
     HTTP path (scprint.data.http: retries, resume of a ``.part`` left by a killed run), then
     gzip-checked and renamed into the cache."""
-    from scprint.data.http import fetch_to_part
+    from scprint.data.http import discard_part, fetch_to_part
 
     target = cache_path(url, cache_dir)
     if target.is_file():
@@ -212,7 +212,7 @@ def fetch(url: str, cache_dir: str | Path, attempts: int = 3) -> Path:
     )
     problem = _gzip_problem(part, url)
     if problem:
-        part.unlink()
+        discard_part(part)  # and its If-Range record
         raise StageError(f"cannot download {url}: {problem}. {_offline_advice(target)}")
     os.replace(part, target)
     return target
