@@ -54,6 +54,7 @@ class RequestRecord:
     headers: dict[str, str]
     status: int = 0
     sent_bytes: int = 0
+    received: float = dataclasses.field(default_factory=time.monotonic)  # arrival time
 
 
 class FileServer:

@@ -267,6 +267,24 @@ def test_504s_and_timeouts_fall_back_to_per_collection_requests(api, tmp_path):
     assert paths[4] == ("collections", 200)
 
 
+def test_requests_are_rate_limited_retries_included(api, tmp_path):
+    """--rate 8: the per-collection fallback (1 + 2 collections) and a retried 504 arrive at
+    the server at least 1/8 s apart, however fast the server answers."""
+    server, base = api
+    catalog = [{**d, "collection_id": f"c{i % 2}"} for i, d in enumerate(CATALOG)]
+    serve_collections(server, catalog)
+    server.requests.clear()
+    server.faults.fail_status = 504
+    server.faults.fail_paths = {"/curation/v1/datasets": 1000, "/curation/v1/collections/c0": 1}
+    argv = ["--source", "cellxgene", "--api", base, "--out", str(tmp_path / "datasets.tsv")]
+    listing.run(parse([*argv, "--backoff", "0.001", "--rate", "8"]))
+    arrivals = [r.received for r in server.requests]
+    assert len(arrivals) == 3 + 1 + 3  # whole list x3, /collections, c0 twice, c1
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    # 1/8 s apart, less a margin for the loopback's own jitter between two requests
+    assert min(gaps) >= 0.8 / 8, gaps
+
+
 def test_version_change_unknown_sizes_and_an_s3_redirect(tmp_path):
     """The API lists a dataset with ``filesize: -1`` and ``cell_count: null`` whose asset
     URL answers 302 to a second server (S3); a later listing names a new version: only that
