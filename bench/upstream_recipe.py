@@ -20,7 +20,9 @@ Lightning Trainer. Neutralised, and only these:
 - torch 2.13's Sampler takes no argument, which scdataloader's LabelWeightedSampler passes:
   ``Sampler.__init__`` is given one that accepts it;
 - torch 2.13's ReduceLROnPlateau takes no ``verbose``, which upstream passes: dropped;
-- transformer "normal", fp32 (the flash kernel and the fp16 default need a GPU).
+- transformer "normal", fp32 (the flash kernel and the fp16 default need a GPU);
+- the gene table is frozen or learned as ``model.freeze_embeddings`` says (its own fit
+  freezes a table read from embeddings; an exported checkpoint loads as a learned one).
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ def main(spec_path: Path) -> int:
     keep = set(model.genes)  # the Collator indexes them in the gene table's order
     dm.gene_subset = [g for g in dm.dataset.genedf.index if g in keep]
     permute_genes(model, dm.gene_subset, torch)
+    # its `scprint fit` builds the gene table from precpt_gene_emb, frozen by
+    # freeze_embeddings; load_from_checkpoint of an export builds a plain, learned one
+    model.gene_encoder.embeddings.weight.requires_grad_(not spec["freeze_embeddings"])
 
     curve: list[dict] = []
 
