@@ -414,22 +414,37 @@ def test_killed_preprocess_then_rerun_equals_an_uninterrupted_run(workdir):
     out.unlink()
     report.unlink()
 
-    rng = random.Random(5)
-    killed_while_writing = False
-    for phase in ("computing", "writing"):
-        proc = start()
-        began = time.perf_counter()
-        if phase == "computing":
-            time.sleep(write_start * rng.uniform(0.3, 0.9))
-        else:
-            while not temporaries() and proc.poll() is None:
-                time.sleep(0.005)
-            time.sleep((write_end - write_start) * rng.uniform(0.1, 0.6))
-            killed_while_writing = bool(temporaries()) and not out.exists()
+    def kill(proc: subprocess.Popen) -> None:
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL
         assert not out.exists() or out.read_bytes() == reference[0]  # absent or complete
         assert not report.exists() or outputs() == reference
+
+    def start_afresh() -> None:  # a run that finished before its kill leaves nothing
+        if out.exists():
+            out.unlink()
+            report.unlink(missing_ok=True)
+
+    rng = random.Random(5)
+    proc = start()  # killed while computing
+    time.sleep(write_start * rng.uniform(0.3, 0.9))
+    kill(proc)
+    start_afresh()
+    # killed while writing: at a random point of the write, timed from its temporary's
+    # appearance; on a loaded machine the write may end first, then the next try kills
+    # sooner (the last one as soon as the temporary is there)
+    killed_while_writing = False
+    for share in (rng.uniform(0.1, 0.6), 0.05, 0.0):
+        before = set(temporaries())
+        proc = start()
+        while not set(temporaries()) - before and proc.poll() is None:
+            time.sleep(0.002)
+        time.sleep((write_end - write_start) * share)
+        kill(proc)
+        killed_while_writing = bool(set(temporaries()) - before) and not out.exists()
+        if killed_while_writing:
+            break
+        start_afresh()
     assert killed_while_writing, "the kill missed the write: a temporary should be on disk"
 
     subprocess.run(args, cwd=workdir, env=cli_env(workdir), check=True, capture_output=True)
