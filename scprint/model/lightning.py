@@ -227,6 +227,7 @@ class ScPrintModule(L.LightningModule):
         self.optim = Optimization()
         self.tf_weights: torch.Tensor | None = None  # (n_genes,) "TF" masking weights
         self.corruption = Corruption()  # the step's random draws (tests replay upstream's)
+        self.noise_seed: int | None = None  # the run's seed, for each step's draws (setup)
         self.run_config: dict | None = None  # the CLI's merged config, saved in checkpoints
         self.requested_config: dict | None = None  # ... as asked for (resume compares it)
 
@@ -243,6 +244,10 @@ class ScPrintModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         set_trainable(self.net, self.objectives)
+        if self.noise_seed is None:
+            from scprint.trainer.resume import run_seed
+
+            self.noise_seed = run_seed()
 
     @property
     def label_sets(self) -> dict[str, torch.Tensor]:
@@ -283,6 +288,35 @@ class ScPrintModule(L.LightningModule):
         if prefix == "val":  # the name ModelCheckpoint / schedulers / early stopping monitor
             self.log("val_loss", out["loss"].detach(), on_epoch=True, batch_size=B, sync_dist=True)
         return out["loss"]
+
+    # torch's generator is reseeded before every step, from (run seed, epoch, rank, batch)
+    # for training and (run seed, rank, loader, batch) for validation/test: the step's noise
+    # and dropout depend on the step alone, not on what the process drew before, so a run
+    # restarted from a checkpoint draws what the uninterrupted run drew (see
+    # scprint.trainer.resume for why seeds and not saved generator states). Validation
+    # batches get the same noise in every loop: their losses compare from loop to loop.
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        from scprint.trainer.resume import TRAIN_STEP, seed_torch
+
+        seed_torch(self._seed(), TRAIN_STEP, self.current_epoch, self.global_rank, batch_idx)
+
+    def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._seed_held_out(batch_idx, dataloader_idx)
+
+    def on_test_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._seed_held_out(batch_idx, dataloader_idx)
+
+    def _seed_held_out(self, batch_idx: int, dataloader_idx: int) -> None:
+        from scprint.trainer.resume import HELD_OUT_STEP, seed_torch
+
+        seed_torch(self._seed(), HELD_OUT_STEP, self.global_rank, dataloader_idx, batch_idx)
+
+    def _seed(self) -> int:
+        if self.noise_seed is None:
+            from scprint.trainer.resume import run_seed
+
+            self.noise_seed = run_seed()
+        return self.noise_seed
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -407,12 +441,16 @@ class ScPrintModule(L.LightningModule):
             "optim": asdict(self.optim),
             "config": self.run_config,
             "requested_config": self.requested_config,
+            "seed": self.noise_seed,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A resume (ckpt_path) onto a model built from the data: the gene vocabulary must be
         the checkpoint's, in its order, or every per-gene row would be another gene's."""
-        saved = (checkpoint.get("scprint") or {}).get("genes")
+        stored = checkpoint.get("scprint") or {}
+        if stored.get("seed") is not None:  # a resumed run keeps its first start's seed
+            self.noise_seed = int(stored["seed"])
+        saved = stored.get("genes")
         if saved is not None and list(saved) != list(self.hparams.genes):
             same_set = set(saved) == set(self.hparams.genes)
             raise ValueError(
