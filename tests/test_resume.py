@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from conftest import REPO, cli_env
-from test_fit import THREADS, build_tiny_collection, write_gene_files
+from test_fit import THREADS
+from test_fit import workdir as tiny_collection  # noqa: F401  (test_fit's fixture)
 
 TESTS = Path(__file__).resolve().parent
 STEPS, EVERY, PER_EPOCH = 10, 4, 8  # 64 cells an epoch in batches of 8: the kill is mid-epoch
@@ -90,15 +90,11 @@ def differing(a: dict, b: dict) -> list[str]:
     return sorted(out)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("resume")
-    info = build_tiny_collection(path)
-    write_gene_files(path, info["genes"])
-    return path
-
-
-def test_killed_mid_epoch_and_rerun_ends_with_the_uninterrupted_weights(workdir, tmp_path):
+def test_killed_mid_epoch_and_rerun_ends_with_the_uninterrupted_weights(
+    tiny_collection,  # noqa: F811  (the fixture imported above)
+    tmp_path,
+):
+    workdir = tiny_collection
     # the uninterrupted run and the run to kill, side by side (one thread each)
     marker = tmp_path / "paused"
     full = start(train_run("full"), workdir, env_for(workdir), tmp_path / "full.log")
