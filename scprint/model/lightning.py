@@ -289,43 +289,37 @@ class ScPrintModule(L.LightningModule):
             self.log("val_loss", out["loss"].detach(), on_epoch=True, batch_size=B, sync_dist=True)
         return out["loss"]
 
-    # torch's generator is reseeded before every step, from (run seed, epoch, rank, batch)
-    # for training and (run seed, rank, loader, batch) for validation/test: the step's noise
-    # and dropout depend on the step alone, not on what the process drew before, so a run
-    # restarted from a checkpoint draws what the uninterrupted run drew (see
-    # scprint.trainer.resume for why seeds and not saved generator states). Validation
-    # batches get the same noise in every loop: their losses compare from loop to loop.
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        from scprint.trainer.resume import TRAIN_STEP, seed_torch
-
-        seed_torch(self._seed(), TRAIN_STEP, self.current_epoch, self.global_rank, batch_idx)
-
-    def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._seed_held_out(batch_idx, dataloader_idx)
-
-    def on_test_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._seed_held_out(batch_idx, dataloader_idx)
-
-    def _seed_held_out(self, batch_idx: int, dataloader_idx: int) -> None:
-        from scprint.trainer.resume import HELD_OUT_STEP, seed_torch
-
-        seed_torch(self._seed(), HELD_OUT_STEP, self.global_rank, dataloader_idx, batch_idx)
-
-    def _seed(self) -> int:
-        if self.noise_seed is None:
-            from scprint.trainer.resume import run_seed
-
-            self.noise_seed = run_seed()
-        return self.noise_seed
-
+    # Each step draws (noise, masks, dropout) from torch's generator seeded for it, from
+    # (run seed, epoch, rank, batch) in training and (run seed, rank, loader, batch) in
+    # validation/test, and put back afterwards: the draws depend on the step alone, not on
+    # what the process drew before, so a run restarted from a checkpoint draws what the
+    # uninterrupted run drew (scprint.trainer.resume says why seeds and not saved generator
+    # states). A validation batch gets the same noise in every loop: losses compare.
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        from scprint.trainer.resume import TRAIN_STEP
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "val")
+        keys = (TRAIN_STEP, self.current_epoch, self.global_rank, batch_idx)
+        with self._seeded(*keys):
+            return self._step(batch, "train")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "test")
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        from scprint.trainer.resume import HELD_OUT_STEP
+
+        with self._seeded(HELD_OUT_STEP, self.global_rank, dataloader_idx, batch_idx):
+            self._step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        from scprint.trainer.resume import HELD_OUT_STEP
+
+        with self._seeded(HELD_OUT_STEP, self.global_rank, dataloader_idx, batch_idx):
+            self._step(batch, "test")
+
+    def _seeded(self, *keys: int):
+        from scprint.trainer.resume import run_seed, seeded_torch
+
+        if self.noise_seed is None:  # a step outside a Trainer's setup
+            self.noise_seed = run_seed()
+        return seeded_torch(self.device, self.noise_seed, *keys)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         """Cell embedding and most likely leaf label per class of each cell: its code

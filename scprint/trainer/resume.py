@@ -21,8 +21,8 @@ and its loop counters. Two things it does not restore are handled here:
    check's validation, the sampler's epoch draws, DataLoader workers' seeds), so a
    restarted process was at another point of those streams. Now every draw is seeded
    from (run seed, epoch, rank, batch index): the loader hands each batch its seed
-   (:class:`SeededBatch`) and the LightningModule reseeds torch's generator before each
-   step (:func:`seed_torch`).
+   (:class:`SeededBatch`) and the LightningModule runs each step with torch's generator
+   seeded for it (:func:`seeded_torch`).
 
 Why seeds derived per batch, and not generator states saved in the checkpoint: a state
 saved with the checkpoint is the state after the last *trained* step, but batches are
@@ -57,6 +57,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -84,10 +85,22 @@ def derive_seed(seed: int, *keys: int) -> int:
     return ((hi << 32) | lo) >> 1
 
 
-def seed_torch(seed: int, *keys: int) -> None:
-    """Reseed torch's global generators (CPU and every GPU) with derive_seed(seed, keys):
-    what a step draws (dropout, Corruption) then depends on the step alone."""
-    torch.manual_seed(derive_seed(seed, *keys))
+@contextmanager
+def seeded_torch(device: torch.device, seed: int, *keys: int) -> Iterator[None]:
+    """Inside: torch's CPU generator, and ``device``'s when it is a GPU, seeded with
+    derive_seed(seed, keys), so what a step draws (dropout, Corruption) depends on the step
+    alone; after: both as they were (``torch.random.fork_rng``), so the process's own
+    stream, ``torch.initial_seed()`` included, is not touched. Activation checkpointing
+    replays a block's dropout in backward from the state it saved in forward."""
+    s = derive_seed(seed, *keys)
+    cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+    with torch.random.fork_rng(devices=[index] if cuda else []):
+        torch.default_generator.manual_seed(s)
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(s)
+        yield
 
 
 def draw_epoch(sample: Callable[[], object], seed: int, epoch: int) -> np.ndarray:
