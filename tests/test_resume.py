@@ -5,7 +5,8 @@ settings (issue 21 item 4; scprint/trainer/resume.py, scprint/trainer/checkpoint
 Every run is the workflow's train rule command, `scprint train-run`, on the tiny
 collection. The kill point is a fact, not a race: tests/resume_probe.py's callback (in
 every run, so the commands are the same) holds the killed run at the first batch after
-step K, when step K's checkpoint is on disk, and the test kills it there.
+step K, when step K's checkpoint is on disk, and the test kills it there. The same
+callback records a digest of every batch each run trained on.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 from conftest import REPO, cli_env
+from resume_probe import batches
 from test_fit import THREADS
 from test_fit import workdir as tiny_collection  # noqa: F401  (test_fit's fixture)
 
@@ -50,7 +52,7 @@ def train_run(name: str) -> list[str]:
         "--scprint_training.warmup_duration", "2",
         "--trainer.deterministic", "true", "--trainer.max_steps", str(STEPS),
         "--checkpoint.every_n_train_steps", str(EVERY),
-        "--trainer.callbacks+", "resume_probe.PauseAfterStep",
+        "--trainer.callbacks+", "resume_probe.ResumeProbe",
     ]  # fmt: skip
 
 
@@ -96,13 +98,18 @@ def test_killed_mid_epoch_and_rerun_ends_with_the_uninterrupted_weights(
 ):
     workdir = tiny_collection
     # the uninterrupted run and the run to kill, side by side (one thread each)
-    marker = tmp_path / "paused"
-    full = start(train_run("full"), workdir, env_for(workdir), tmp_path / "full.log")
+    marker, record = tmp_path / "paused", {}
+    for run in ("full", "killed", "control"):
+        record[run] = tmp_path / f"batches-{run}"
+        record[run].mkdir()
+    full_env = env_for(workdir, SCPRINT_TEST_BATCHES=str(record["full"]))
+    full = start(train_run("full"), workdir, full_env, tmp_path / "full.log")
     pausing = env_for(
-        workdir, SCPRINT_TEST_PAUSE_AT=str(EVERY), SCPRINT_TEST_PAUSE_MARKER=str(marker)
-    )
+        workdir, SCPRINT_TEST_PAUSE_AT=str(EVERY), SCPRINT_TEST_PAUSE_MARKER=str(marker),
+        SCPRINT_TEST_BATCHES=str(record["killed"]),
+    )  # fmt: skip
     killed = start(train_run("killed"), workdir, pausing, tmp_path / "killed.log")
-    state = workdir / "checkpoints/killed/state"
+    state, marker = workdir / "checkpoints/killed/state", marker.with_suffix(".rank0")
     deadline = time.monotonic() + 300
     while not (marker.exists() and (state / f"epoch=0-step={EVERY}.ckpt").exists()):
         assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-6000:]
@@ -130,9 +137,10 @@ def test_killed_mid_epoch_and_rerun_ends_with_the_uninterrupted_weights(
     shutil.copy(workdir / "results/collection.json", control / "results")
     shutil.copytree(workdir / "data", control / "data")
     shutil.copytree(workdir / "checkpoints/killed", control / "checkpoints/killed")
-    off = env_for(workdir, SCPRINT_RESUME_POSITION="0")
+    off = env_for(workdir, SCPRINT_RESUME_POSITION="0", SCPRINT_TEST_BATCHES=str(record["control"]))
     restarted = start(train_run("killed"), control, off, tmp_path / "control.log")
-    rerun = start(train_run("killed"), workdir, env_for(workdir), tmp_path / "rerun.log")
+    again = env_for(workdir, SCPRINT_TEST_BATCHES=str(record["killed"]))
+    rerun = start(train_run("killed"), workdir, again, tmp_path / "rerun.log")
     for proc, log in ((full, "full"), (rerun, "rerun"), (restarted, "control")):
         finish(proc, tmp_path / f"{log}.log")
 
@@ -148,9 +156,17 @@ def test_killed_mid_epoch_and_rerun_ends_with_the_uninterrupted_weights(
     full_summary = json.loads((workdir / "results/train/full.json").read_text())
     assert summary["validation"] == full_summary["validation"]  # every loop, every value
     assert [row["step"] for row in summary["validation"]] == [4, 8]
+    # the batches themselves: the killed run's and the rerun's together are the
+    # uninterrupted run's, batch for batch (epoch, index in it, counts and genes)
+    trained = batches(record["full"])
+    assert sorted(trained) == list(range(STEPS))
+    assert batches(record["killed"]) == trained
 
     # without the position the resumed run trains on other batches: the weights part
     assert "SCPRINT_RESUME_POSITION=0" in (tmp_path / "control.log").read_text()
+    restarted_at = batches(record["control"])[EVERY]
+    assert restarted_at["batch_idx"] == EVERY  # Lightning's count went on ...
+    assert restarted_at["digest"] == trained[0]["digest"]  # ... over the epoch's 1st batch
     other = load(control / "checkpoints/killed/last.ckpt")
     assert other["global_step"] == STEPS
     assert len(differing(uninterrupted, other)) > len(uninterrupted["state_dict"]) // 2
