@@ -30,10 +30,11 @@ TESTS = Path(__file__).resolve().parent
 STEPS, EVERY, PER_EPOCH = 10, 4, 8  # 64 cells an epoch in batches of 8: the kill is mid-epoch
 
 
-def train_run(name: str) -> list[str]:
+def train_run(name: str, *extra: str) -> list[str]:
     """The train rule's command for run ``name``: weighted sampling with replacement
     (scdataloader's sampler), random expressed genes, dropout, validation every 4 steps
-    (ReduceLROnPlateau on it), a checkpoint every 4 steps, 10 steps: into the second epoch."""
+    (ReduceLROnPlateau on it), a checkpoint every 4 steps, 10 steps: into the second epoch.
+    ``extra``: more `scprint fit` arguments (the Lightning shape of a multi-node run)."""
     return [
         sys.executable, "-m", "scprint.cli", "train-run", "--run", name,
         "--collection", "results/collection.json",
@@ -52,7 +53,7 @@ def train_run(name: str) -> list[str]:
         "--scprint_training.warmup_duration", "2",
         "--trainer.deterministic", "true", "--trainer.max_steps", str(STEPS),
         "--checkpoint.every_n_train_steps", str(EVERY),
-        "--trainer.callbacks+", "resume_probe.ResumeProbe",
+        "--trainer.callbacks+", "resume_probe.ResumeProbe", *extra,
     ]  # fmt: skip
 
 
