@@ -20,6 +20,7 @@ from scprint.model import losses, readout
 from scprint.model.genes import read_gene_embeddings
 from scprint.model.model import ScPrint, ScPrintConfig
 from scprint.model.objectives import Corruption, Objectives, compute_losses, set_trainable
+from scprint.seeds import HELD_OUT_STEP, TRAIN_STEP, run_seed, seeded_torch
 
 OPTIMIZERS = {"adamW": torch.optim.AdamW, "adam": torch.optim.Adam}
 LR_SCHEDULES = ("plateau", "cosine")
@@ -245,8 +246,6 @@ class ScPrintModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         set_trainable(self.net, self.objectives)
         if self.noise_seed is None:
-            from scprint.trainer.resume import run_seed
-
             self.noise_seed = run_seed()
 
     @property
@@ -296,27 +295,19 @@ class ScPrintModule(L.LightningModule):
     # uninterrupted run drew (scprint.trainer.resume says why seeds and not saved generator
     # states). A validation batch gets the same noise in every loop: losses compare.
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        from scprint.trainer.resume import TRAIN_STEP
-
         keys = (TRAIN_STEP, self.current_epoch, self.global_rank, batch_idx)
         with self._seeded(*keys):
             return self._step(batch, "train")
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        from scprint.trainer.resume import HELD_OUT_STEP
-
         with self._seeded(HELD_OUT_STEP, self.global_rank, dataloader_idx, batch_idx):
             self._step(batch, "val")
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        from scprint.trainer.resume import HELD_OUT_STEP
-
         with self._seeded(HELD_OUT_STEP, self.global_rank, dataloader_idx, batch_idx):
             self._step(batch, "test")
 
     def _seeded(self, *keys: int):
-        from scprint.trainer.resume import run_seed, seeded_torch
-
         if self.noise_seed is None:  # a step outside a Trainer's setup
             self.noise_seed = run_seed()
         return seeded_torch(self.device, self.noise_seed, *keys)

@@ -174,7 +174,7 @@ class ScprintDataModule(L.LightningDataModule):
                     "embeddings were computed for other organisms or another gene id scheme"
                 )
         self.how, self.max_len = how, max_len
-        self.seed: int | None = None  # the run's (scprint.trainer.resume.run_seed), in setup()
+        self.seed: int | None = None  # the run's (scprint.seeds.run_seed), set in setup()
         self.batches = None  # scprint.trainer.batches.BatchDataset, built in setup()
         self.gene_pos = None
         if gene_positions is not None:
@@ -224,7 +224,7 @@ class ScprintDataModule(L.LightningDataModule):
         if self.inner.idx_full is None:
             self.inner.setup(stage)
         if self.seed is None:
-            from scprint.trainer.resume import run_seed
+            from scprint.seeds import run_seed
 
             self.seed = run_seed()
         if self.batches is None:

@@ -22,7 +22,7 @@ and its loop counters. Two things it does not restore are handled here:
    restarted process was at another point of those streams. Now every draw is seeded
    from (run seed, epoch, rank, batch index): the loader hands each batch its seed
    (:class:`SeededBatch`) and the LightningModule runs each step with torch's generator
-   seeded for it (:func:`seeded_torch`).
+   seeded for it (:func:`scprint.seeds.seeded_torch`).
 
 Why seeds derived per batch, and not generator states saved in the checkpoint: a state
 saved with the checkpoint is the state after the last *trained* step, but batches are
@@ -57,51 +57,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 
+from scprint.seeds import EPOCH_ORDER, HELD_OUT_BATCH, TRAIN_BATCH, derive_seed
+
 log = logging.getLogger(__name__)
-
-# what a derived seed is for: its first key after the run seed
-EPOCH_ORDER = 1  # an epoch's cell order (the sampler's draws)
-TRAIN_BATCH = 2  # the genes a training batch shows
-TRAIN_STEP = 3  # a training step's noise and dropout
-HELD_OUT_BATCH = 4  # the genes a validation/test batch shows (keyed by its cells)
-HELD_OUT_STEP = 5  # a validation/test step's noise
-
-
-def run_seed() -> int:
-    """The run's seed: Lightning's ``seed_everything`` (PL_GLOBAL_SEED), else 0."""
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-
-def derive_seed(seed: int, *keys: int) -> int:
-    """A seed in [0, 2**63) that is a pure function of (seed, keys): numpy's SeedSequence
-    hashes them (the same on every machine and process; nearby keys give unrelated seeds)."""
-    entropy = [int(seed) % 2**64, *(int(k) for k in keys)]
-    hi, lo = np.random.SeedSequence(entropy).generate_state(2, np.uint32).tolist()
-    return ((hi << 32) | lo) >> 1
-
-
-@contextmanager
-def seeded_torch(device: torch.device, seed: int, *keys: int) -> Iterator[None]:
-    """Inside: torch's CPU generator, and ``device``'s when it is a GPU, seeded with
-    derive_seed(seed, keys), so what a step draws (dropout, Corruption) depends on the step
-    alone; after: both as they were (``torch.random.fork_rng``), so the process's own
-    stream, ``torch.initial_seed()`` included, is not touched. Activation checkpointing
-    replays a block's dropout in backward from the state it saved in forward."""
-    s = derive_seed(seed, *keys)
-    cuda = device.type == "cuda"
-    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
-    with torch.random.fork_rng(devices=[index] if cuda else []):
-        torch.default_generator.manual_seed(s)
-        if cuda:
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(s)
-        yield
-
 
 def draw_epoch(sample: Callable[[], object], seed: int, epoch: int) -> np.ndarray:
     """``sample()`` (e.g. ``list(sampler)``) run under torch and numpy generators seeded
