@@ -86,8 +86,10 @@ def differing(a: dict, b: dict) -> list[str]:
     for p in oa["state"].keys() | ob["state"].keys():
         sa, sb = oa["state"].get(p, {}), ob["state"].get(p, {})
         for key in sa.keys() | sb.keys():
-            if key not in sa or key not in sb or not torch.equal(
-                torch.as_tensor(sa[key]), torch.as_tensor(sb[key])
+            if (
+                key not in sa
+                or key not in sb
+                or not torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key]))
             ):
                 out.append(f"optimizer[{p}].{key}")
     return sorted(out)

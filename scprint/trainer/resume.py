@@ -33,23 +33,25 @@ different things between steps (a restarted run runs the sanity-check validation
 draws the epoch's order again). Restoring states would therefore have to replay exactly
 what each worker had drawn. A seed that is a function of the batch's identity does not
 care who builds the batch, when, or what came before: the same batch gets the same cells,
-genes and noise in the run that never stopped, in the restarted one, with 0 or 8 workers.
+genes and noise in the run that never stopped, in the restarted one, with any number of
+DataLoader workers (tests/test_loader.py compares 0 and 2).
 
-Held-out batches (validation, test) carry no index of their own once Lightning adds a
-distributed sampler, so their draws are seeded by their content (the run seed and the
-batch's cell indices): every validation loop sees the same genes and noise for the same
-cells, which also makes validation losses comparable from loop to loop.
+Held-out batches (validation, test) reach the dataset as plain lists of cells (Lightning
+gives their DataLoader a distributed sampler), so their genes are seeded by their content
+(the run seed and the batch's cell indices), their step's noise by (rank, loader, batch
+index): every validation loop sees the same genes and noise for the same cells, which
+also makes validation losses comparable from loop to loop.
 
 The seed is Lightning's (``seed_everything``, exported as ``PL_GLOBAL_SEED``; 0 when
 none is set); a resumed run keeps the seed its checkpoint was written with.
 
 How far it holds, and the limits (measured: docs/training.md "Resuming"): on CPU with
 ``trainer.deterministic`` the weights and optimizer state of a run killed mid-epoch and
-rerun are bitwise those of the uninterrupted run; the position is kept only when the
-resumed run has the same number of ranks and the same batch size (otherwise the epoch
-restarts from its first batch, with a warning); ``SCPRINT_RESUME_POSITION=0`` restarts the
-interrupted epoch from its first batch as Lightning does with a plain DataLoader (to
-compare).
+rerun are bitwise those of the uninterrupted run, on one node and on two; a resumed run
+with another number of ranks or batch size goes on after as many batches as Lightning
+counted, but they are other cells than the interrupted run's (a warning says so);
+``SCPRINT_RESUME_POSITION=0`` restarts the interrupted epoch from its first batch as
+Lightning does with a plain DataLoader (to compare).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ import torch
 from scprint.seeds import EPOCH_ORDER, HELD_OUT_BATCH, TRAIN_BATCH, derive_seed
 
 log = logging.getLogger(__name__)
+
 
 def draw_epoch(sample: Callable[[], object], seed: int, epoch: int) -> np.ndarray:
     """``sample()`` (e.g. ``list(sampler)``) run under torch and numpy generators seeded
@@ -331,4 +334,3 @@ class SeededCollate:
             return self.collate(items)
         finally:
             np.random.set_state(state)
-
