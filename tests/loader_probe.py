@@ -128,16 +128,70 @@ def sampling() -> dict:
     out["fork_workers"] = fork.num_workers
     out["fork_workers_cells"] = sum(len(b["x"]) for b in fork)
     clone = pickle.loads(pickle.dumps(dm.batches))
-    np.random.seed(5)
-    dm.batches._rng_pid = None  # reseed from numpy's state, as a fresh worker does
     a = dm.batches.__getitems__(list(range(10)))
-    np.random.seed(5)
-    dm.batches._rng_pid = None
+    np.random.seed(5)  # the global generators play no part
+    torch.manual_seed(5)
     b = dm.batches.__getitems__(list(range(10)))
-    np.random.seed(5)
     c = clone.__getitems__(list(range(10)))
+    clone.seed += 1
+    d = clone.__getitems__(list(range(10)))
     out["seeded_repeatable"] = torch.equal(a["genes"], b["genes"])
     out["pickled_same"] = torch.equal(a["genes"], c["genes"]) and torch.equal(a["x"], c["x"])
+    out["other_seed_other_genes"] = not torch.equal(a["genes"], d["genes"])
+    return out
+
+
+def same_batches(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in ("x", "genes", "class")
+    )
+
+
+def resume() -> dict:
+    """The training loader (scprint.trainer.resume.ResumableLoader) on its own: epochs as
+    functions of (seed, epoch), the position restored without reading skipped cells,
+    ranks' shares, workers."""
+    from scprint.trainer.resume import EpochCells
+
+    out = {}
+    kw = dict(weight_scaler=5, n_samples_per_epoch=64, batch_size=8)
+    loader = dm_of(**kw).train_dataloader()
+    epochs = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        epochs.append(list(loader))
+    out["batches"] = [len(epochs[0]), len(epochs[1]), len(loader)]
+    out["epochs_differ"] = not same_batches(epochs[0], epochs[1])
+    torch.manual_seed(123)  # other global generator states, a fresh module, 2 workers
+    np.random.seed(321)
+    torch.rand(100)
+    again = dm_of(**kw, num_workers=2).train_dataloader()
+    again.set_epoch(1)
+    out["epoch_1_again_with_workers"] = same_batches(epochs[1], list(again))
+
+    dm = dm_of(**kw)
+    resumed = dm.train_dataloader()
+    read = []
+    getitems = dm.batches.__getitems__
+    dm.batches.__getitems__ = lambda cells: read.append(len(cells)) or getitems(cells)
+    state = {"epoch": 1, "batches": 3, "seed": dm.seed, "world_size": 1, "batch_size": 8}
+    resumed.load_state_dict(state)
+    tail = list(resumed)
+    out["resumed_tail"] = same_batches(epochs[1][3:], tail)
+    out["cells_read"] = sum(read)
+    out["state_after"] = resumed.state_dict()
+    resumed.load_state_dict({**state, "world_size": 2})  # another shape: warned, kept
+    out["other_world_tail"] = len(list(resumed))
+
+    order = loader.sampler.order
+    whole = order(1)
+    shares = [EpochCells(order, rank, 2).cells(1) for rank in (0, 1)]
+    out["ranks_len"] = [len(whole), *map(len, shares)]
+    interleaved = np.empty(len(whole), dtype=np.int64)
+    interleaved[0::2], interleaved[1::2] = shares
+    out["ranks_partition_the_epoch"] = bool(np.array_equal(interleaved, whole))
+    out["ranks_differ"] = not np.array_equal(*shares)
+    out["odd_world_pads"] = [len(EpochCells(order, r, 3).cells(1)) for r in range(3)]
     return out
 
 
@@ -229,7 +283,12 @@ if __name__ == "__main__":
     from scprint.data.lamin import connect
 
     connect()
-    data = {"agree": agree(), "sampling": sampling(), "keys": keys(sys.argv[1])}
+    data = {
+        "agree": agree(),
+        "sampling": sampling(),
+        "resume": resume(),
+        "keys": keys(sys.argv[1]),
+    }
     print(
         "PROBE " + json.dumps(data, default=lambda o: dict(o) if isinstance(o, Counter) else str(o))
     )

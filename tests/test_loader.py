@@ -77,8 +77,27 @@ def test_workers_and_pickling(probe):
     got = probe["sampling"]
     assert got["spawn_workers_cells"] == 110  # spawn: the dataset pickles into workers
     assert got["fork_workers"] == 2 and got["fork_workers_cells"] == 1600
-    assert got["seeded_repeatable"]  # numpy's seed (seed_everything) fixes the batches
+    assert got["seeded_repeatable"]  # (seed, cells) fix the genes, not numpy's global state
     assert got["pickled_same"]  # a pickled copy gives the same batches
+    assert got["other_seed_other_genes"]
+
+
+def test_training_loader_resumes_mid_epoch(probe):
+    """scprint.trainer.resume.ResumableLoader: an epoch is a function of (seed, epoch), the
+    same whatever the global generators did and with workers; restored at batch 3 it reads
+    only the 5 batches left; two ranks share an epoch out (disjoint positions, padded to
+    equal shares as torch's DistributedSampler does)."""
+    got = probe["resume"]
+    assert got["batches"] == [8, 8, 8]  # 64 draws in batches of 8
+    assert got["epochs_differ"] and got["epoch_1_again_with_workers"]
+    assert got["resumed_tail"] and got["cells_read"] == 5 * 8  # 3 batches skipped unread
+    assert got["state_after"] == {
+        "epoch": 1, "batches": 8, "seed": 0, "world_size": 1, "batch_size": 8
+    }  # fmt: skip
+    assert got["other_world_tail"] == 5  # another world size: Lightning's count still holds
+    assert got["ranks_len"] == [64, 32, 32]
+    assert got["ranks_partition_the_epoch"] and got["ranks_differ"]
+    assert got["odd_world_pads"] == [22, 22, 22]  # 64 -> 66 over 3 ranks
 
 
 def test_every_data_key_changes_behaviour(probe):

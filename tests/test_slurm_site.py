@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 from slurm.cluster import ClusterUnavailable
 from slurm.site_cluster import ACCOUNT, GPU_TYPE, NODES, SUBMITTER, SiteSlurm, why_site_unavailable
 from test_slurm import (
@@ -232,5 +234,118 @@ def test_training_on_two_nodes_one_rank_each(site):
         log = (workdir / "logs" / "train.log").read_text()
         assert "srun-launch: job " in log and " on nodes node[1-2]" in log, log[-3000:]
         assert "MEMBER: 1/2" in log and "MEMBER: 2/2" in log, log[-3000:]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# -- two-node resume after kill -9 -------------------------------------------------------------
+
+
+def sbatch_two_nodes(site: SiteSlurm, workdir: Path, name: str, command: list[str],
+                     env: dict) -> str:  # fmt: skip
+    """Submit ``command`` as the submitter on 2 nodes x 1 rank through the profile's
+    launcher (one srun step over the allocation, as the train rule does); the job id."""
+    proc = subprocess.run(
+        [*site.as_submitter("sbatch"), "--parsable", "-J", name, "-p", "gpu", "-A", ACCOUNT,
+         "--qos=gpu", "--nodes=2", "--ntasks-per-node=1", f"--gres=gpu:{GPU_TYPE}:1",
+         "--cpus-per-task=1", f"--chdir={workdir}", f"--output={workdir}/logs/{name}.log",
+         "--wrap", shlex.join(["profiles/slurm/srun-launch", *command])],
+        env=env, capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    return proc.stdout.strip().split(";")[0]
+
+
+def wait_job(site: SiteSlurm, job: str, timeout: float = 900) -> str:
+    """The job's final state, once slurmctld no longer runs it."""
+    wait_for(
+        lambda: not site.run("squeue", "-h", "-j", job, check=False).stdout.strip(),
+        timeout=timeout, what=f"job {job} to end",
+    )  # fmt: skip
+    wait_for(lambda: site.sacct(job)["State"] not in ("RUNNING", "PENDING", "COMPLETING"),
+             timeout=60, what=f"accounting of job {job}")  # fmt: skip
+    return site.sacct(job)["State"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_two_nodes_killed_mid_epoch_and_rerun_end_with_the_uninterrupted_weights(site):
+    """`scprint train-run` on 2 nodes x 1 rank (DDP, gloo on CPU) through Slurm: one job
+    runs through; another is held by tests/resume_probe.py at the first batch after its
+    step-4 checkpoint on both nodes, killed there with `scancel --signal=KILL` (SIGKILL to
+    both ranks), and submitted again with the same command. The ranks train on different
+    batches; the killed job and its rerun trained on the uninterrupted job's batches, rank
+    for rank, and end with its weights, bitwise."""
+    from resume_probe import batches
+    from test_fit import THREADS, build_tiny_collection, write_gene_files
+    from test_resume import EVERY, PER_EPOCH, STEPS, differing, load, train_run
+
+    workdir = Path(tempfile.mkdtemp(prefix="site-resume-", dir="/tmp"))
+    try:
+        shutil.copytree(REPO / "profiles" / "slurm", workdir / "profiles" / "slurm")
+        info = build_tiny_collection(workdir)
+        write_gene_files(workdir, info["genes"])
+        record = {run: workdir / f"batches-{run}" for run in ("full", "killed")}
+        for folder in [*record.values(), workdir / "logs"]:
+            folder.mkdir()
+        give_to_submitter(workdir)
+        env = site.env()
+        env.update(
+            HOME=str(workdir), USER=SUBMITTER, LOGNAME=SUBMITTER,
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+            XDG_CACHE_HOME=str(workdir / ".cache"),
+            LAMIN_SETTINGS_DIR=str(workdir / "lamin" / "settings"),
+            PYTHONPATH=f"{Path(__file__).parent}{os.pathsep}{env['PYTHONPATH']}",  # resume_probe
+            # rendezvous at node1's address; gloo on each node's own interface
+            MASTER_ADDR=NODES["node1"], GLOO_SOCKET_IFNAME="eth0", **THREADS,
+        )  # fmt: skip
+        shape = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
+                 "--trainer.num_nodes", "2", "--trainer.devices", "1",
+                 # an epoch's draws are shared out over the ranks: twice as many keep
+                 # PER_EPOCH batches a rank, and the kill mid-epoch
+                 "--data.n_samples_per_epoch", str(2 * 8 * PER_EPOCH)]  # fmt: skip
+        marker = workdir / "paused"
+        full = sbatch_two_nodes(site, workdir, "full", train_run("full", *shape),
+                                {**env, "SCPRINT_TEST_BATCHES": str(record["full"])})  # fmt: skip
+        killed_env = {
+            **env, "SCPRINT_TEST_BATCHES": str(record["killed"]),
+            "SCPRINT_TEST_PAUSE_AT": str(EVERY), "SCPRINT_TEST_PAUSE_MARKER": str(marker),
+        }  # fmt: skip
+        killed = sbatch_two_nodes(site, workdir, "killed", train_run("killed", *shape),
+                                  killed_env)  # fmt: skip
+        state = workdir / "checkpoints" / "killed" / "state"
+        held = [marker.with_suffix(f".rank{r}") for r in (0, 1)]
+        wait_for(
+            lambda: all(p.exists() for p in held)
+            and (state / f"epoch=0-step={EVERY}.ckpt").exists(),
+            timeout=900, what="both ranks of the job to hold after the step-4 checkpoint",
+        )  # fmt: skip
+        site.run("scancel", "--signal=KILL", killed)
+        assert wait_job(site, killed) != "COMPLETED"
+        assert [p.read_text().split() for p in held] == [["0", str(EVERY), str(EVERY)]] * 2
+        resume_point = load(state / "last.ckpt")
+        (position,) = resume_point["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+        assert (position["epoch"], position["batches"], position["world_size"]) == (0, EVERY, 2)
+        assert not (workdir / "checkpoints" / "killed" / "last.ckpt").exists()
+
+        rerun_env = {**env, "SCPRINT_TEST_BATCHES": str(record["killed"])}
+        rerun = sbatch_two_nodes(site, workdir, "rerun", train_run("killed", *shape), rerun_env)
+        for job, name in ((full, "full"), (rerun, "rerun")):
+            log = (workdir / "logs" / f"{name}.log").read_text
+            assert wait_job(site, job) == "COMPLETED", log()[-6000:]
+        log = (workdir / "logs" / "rerun.log").read_text()
+        assert "MEMBER: 1/2" in log and "MEMBER: 2/2" in log, log[-3000:]
+        assert site.sacct(rerun)["NodeList"] == "node[1-2]"
+
+        trained = {r: batches(record["full"], r) for r in (0, 1)}
+        assert all(sorted(trained[r]) == list(range(STEPS)) for r in (0, 1))
+        for step in range(STEPS):  # the ranks' batches differ at every step
+            assert trained[0][step]["digest"] != trained[1][step]["digest"], step
+        for r in (0, 1):  # the killed job's and the rerun's batches: the uninterrupted one's
+            assert batches(record["killed"], r) == trained[r], r
+        uninterrupted = load(workdir / "checkpoints" / "full" / "last.ckpt")
+        resumed = load(workdir / "checkpoints" / "killed" / "last.ckpt")
+        assert uninterrupted["global_step"] == resumed["global_step"] == STEPS
+        assert differing(uninterrupted, resumed) == []
+        assert uninterrupted["lr_schedulers"] == resumed["lr_schedulers"]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

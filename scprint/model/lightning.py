@@ -20,6 +20,7 @@ from scprint.model import losses, readout
 from scprint.model.genes import read_gene_embeddings
 from scprint.model.model import ScPrint, ScPrintConfig
 from scprint.model.objectives import Corruption, Objectives, compute_losses, set_trainable
+from scprint.seeds import HELD_OUT_STEP, TRAIN_STEP, run_seed, seeded_torch
 
 OPTIMIZERS = {"adamW": torch.optim.AdamW, "adam": torch.optim.Adam}
 LR_SCHEDULES = ("plateau", "cosine")
@@ -227,6 +228,7 @@ class ScPrintModule(L.LightningModule):
         self.optim = Optimization()
         self.tf_weights: torch.Tensor | None = None  # (n_genes,) "TF" masking weights
         self.corruption = Corruption()  # the step's random draws (tests replay upstream's)
+        self.noise_seed: int | None = None  # the run's seed, for each step's draws (setup)
         self.run_config: dict | None = None  # the CLI's merged config, saved in checkpoints
         self.requested_config: dict | None = None  # ... as asked for (resume compares it)
 
@@ -243,6 +245,8 @@ class ScPrintModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         set_trainable(self.net, self.objectives)
+        if self.noise_seed is None:
+            self.noise_seed = run_seed()
 
     @property
     def label_sets(self) -> dict[str, torch.Tensor]:
@@ -284,14 +288,29 @@ class ScPrintModule(L.LightningModule):
             self.log("val_loss", out["loss"].detach(), on_epoch=True, batch_size=B, sync_dist=True)
         return out["loss"]
 
+    # Each step draws (noise, masks, dropout) from torch's generator seeded for it, from
+    # (run seed, epoch, rank, batch) in training and (run seed, rank, loader, batch) in
+    # validation/test, and put back afterwards: the draws depend on the step alone, not on
+    # what the process drew before, so a run restarted from a checkpoint draws what the
+    # uninterrupted run drew (scprint.trainer.resume says why seeds and not saved generator
+    # states). A validation batch gets the same noise in every loop: losses compare.
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        keys = (TRAIN_STEP, self.current_epoch, self.global_rank, batch_idx)
+        with self._seeded(*keys):
+            return self._step(batch, "train")
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "val")
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        with self._seeded(HELD_OUT_STEP, self.global_rank, dataloader_idx, batch_idx):
+            self._step(batch, "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "test")
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        with self._seeded(HELD_OUT_STEP, self.global_rank, dataloader_idx, batch_idx):
+            self._step(batch, "test")
+
+    def _seeded(self, *keys: int):
+        if self.noise_seed is None:  # a step outside a Trainer's setup
+            self.noise_seed = run_seed()
+        return seeded_torch(self.device, self.noise_seed, *keys)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         """Cell embedding and most likely leaf label per class of each cell: its code
@@ -407,12 +426,16 @@ class ScPrintModule(L.LightningModule):
             "optim": asdict(self.optim),
             "config": self.run_config,
             "requested_config": self.requested_config,
+            "seed": self.noise_seed,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A resume (ckpt_path) onto a model built from the data: the gene vocabulary must be
         the checkpoint's, in its order, or every per-gene row would be another gene's."""
-        saved = (checkpoint.get("scprint") or {}).get("genes")
+        stored = checkpoint.get("scprint") or {}
+        if stored.get("seed") is not None:  # a resumed run keeps its first start's seed
+            self.noise_seed = int(stored["seed"])
+        saved = stored.get("genes")
         if saved is not None and list(saved) != list(self.hparams.genes):
             same_set = set(saved) == set(self.hparams.genes)
             raise ValueError(

@@ -330,8 +330,7 @@ class BatchDataset(torch.utils.data.Dataset):
         if how == "all" and len(sizes) > 1:
             raise StageError('data.how="all" needs one gene count for every organism')
         self.vocab_size = int(self.organism_block.max(initial=0))
-        self._rng = None
-        self._rng_pid = None
+        self.seed = 0  # the run's seed (ScprintDataModule sets it): see __getitems__
         self._stamp = np.zeros(0, dtype=np.int32)  # per-process scratch of the kernel
 
     def __len__(self) -> int:
@@ -339,19 +338,8 @@ class BatchDataset(torch.utils.data.Dataset):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_rng"] = state["_rng_pid"] = None
         state["_stamp"] = np.zeros(0, dtype=np.int32)
         return state
-
-    @property
-    def rng(self) -> np.random.Generator:
-        """Seeded from numpy's global state on first use in each process: reproducible
-        under ``seed_everything``, and different in each DataLoader worker (torch seeds
-        numpy per worker)."""
-        if self._rng_pid != os.getpid():
-            self._rng = np.random.default_rng(np.random.randint(0, 2**63 - 1, dtype=np.int64))
-            self._rng_pid = os.getpid()
-        return self._rng
 
     def __getitem__(self, index):
         if isinstance(index, (int, np.integer)):
@@ -359,6 +347,13 @@ class BatchDataset(torch.utils.data.Dataset):
         return self.__getitems__(list(index))
 
     def __getitems__(self, indices) -> dict[str, torch.Tensor]:
+        """The batch of cells ``indices``. Its random genes ("random expr", the unexpressed
+        fill) are drawn from ``indices.seed`` when it has one (training batches:
+        scprint.trainer.resume.SeededBatch), else from a seed keyed by ``self.seed`` and
+        the cells: a pure function of the batch, whichever process builds it, whenever."""
+        from scprint.trainer.resume import batch_seed
+
+        seed = batch_seed(self.seed, indices)
         cells = np.asarray(indices, dtype=np.int64)
         cells = cells[self.organism_block[cells, 0] >= 0]  # the Collator drops these too
         B = len(cells)
@@ -413,7 +408,7 @@ class BatchDataset(torch.utils.data.Dataset):
                 lo,
                 hi,
                 self.how == "most expr",
-                int(self.rng.integers(2**31)),
+                seed,
                 self._stamp,
                 x,
                 genes,

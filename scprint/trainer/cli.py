@@ -12,7 +12,8 @@ Config sections (several ``--config`` files merge in order; ``--a.b value`` over
   positions are linked from the data module, gene_embeddings from data.gene_embeddings;
 - data: ScprintDataModule (scdataloader on a laminDB collection);
 - scprint_training: the TrainingMode callback (lr, optimizer, objectives, run name);
-- checkpoint: ModelCheckpoint (dirpath, every_n_train_steps, save_last, ...);
+- checkpoint: ModelCheckpoint's keys (dirpath, every_n_train_steps, save_last, ...), as
+  scprint.trainer.checkpointing.ResumableCheckpoint (step checkpoints after validation);
 - validation: ValidationMetrics (label accuracy, kNN, denoising score on the validation
   split at the end of each validation loop).
 W&B runs offline unless WANDB_MODE says otherwise.
@@ -30,7 +31,6 @@ import torch
 from lightning.pytorch.callbacks import (
     EarlyStopping,
     LearningRateMonitor,
-    ModelCheckpoint,
     StochasticWeightAveraging,
 )
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -38,6 +38,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from scprint.io import StageError
 from scprint.model.lightning import ScPrintModule
+from scprint.trainer.checkpointing import ResumableCheckpoint
 from scprint.trainer.datamodule import ScprintDataModule
 from scprint.trainer.trainer import RENAMED, TrainingMode
 from scprint.trainer.validation import ValidationMetrics
@@ -79,7 +80,7 @@ class ScprintCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "scprint_learning_rate_monitor")
         parser.set_defaults({"scprint_learning_rate_monitor.logging_interval": "epoch"})
         parser.add_lightning_class_args(TrainingMode, "scprint_training")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ValidationMetrics, "validation")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.link_arguments("data.gene_embeddings", "model.gene_embeddings")

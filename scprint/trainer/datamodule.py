@@ -13,10 +13,12 @@ to work around three of its traps with scdataloader 2.1.3 / torch 2.13:
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import lightning as L
 import numpy as np
 import pandas as pd
+from torch.utils.data import DataLoader
 
 from scprint.io import StageError
 from scprint.model.genes import gene_ranks
@@ -172,6 +174,7 @@ class ScprintDataModule(L.LightningDataModule):
                     "embeddings were computed for other organisms or another gene id scheme"
                 )
         self.how, self.max_len = how, max_len
+        self.seed: int | None = None  # the run's (scprint.seeds.run_seed), set in setup()
         self.batches = None  # scprint.trainer.batches.BatchDataset, built in setup()
         self.gene_pos = None
         if gene_positions is not None:
@@ -220,26 +223,71 @@ class ScprintDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.inner.idx_full is None:
             self.inner.setup(stage)
+        if self.seed is None:
+            from scprint.seeds import run_seed
+
+            self.seed = run_seed()
         if self.batches is None:
             from scprint.trainer.batches import from_scdataloader
 
             self.batches = from_scdataloader(self.inner, self.genes, self.how, self.max_len)
             if self.batches is None:
                 log.warning("collection files are not local: using scdataloader's reader")
+        if self.batches is not None:
+            self.batches.seed = self.seed
+
+    # the run's seed rides in checkpoints: a resumed run draws what the first start would
+    # have drawn even when seed_everything picked a new random seed (seed_everything: true)
+    def state_dict(self) -> dict:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("seed") is not None:
+            self.seed = int(state_dict["seed"])
+            if self.batches is not None:
+                self.batches.seed = self.seed
 
     def train_dataloader(self):
-        """Batches of the weighted sampler (or the shuffled training split when
-        weight_scaler=0), read by :mod:`scprint.trainer.batches`."""
-        if self.batches is None:
-            return self.scdataloader_train_dataloader()
-        inner = self.inner
-        if inner.clss_to_weight and inner.weight_scaler > 0:
-            sampler = self._weighted_sampler()
-        else:  # scdataloader's order: its shuffled split, sharded over ranks
-            from scdataloader.datamodule import RankShardSampler
+        """Batches of the weighted sampler (or the training split in scdataloader's
+        shuffled order when weight_scaler=0), read by :mod:`scprint.trainer.batches` (by
+        scdataloader's reader and Collator when the files are not local), in a
+        :class:`scprint.trainer.resume.ResumableLoader`: each epoch's cells are a function
+        of (seed, epoch), shared out over the ranks, and a resumed run goes on from the
+        checkpoint's batch with the same draws."""
+        from scprint.trainer.resume import ResumableLoader, SeededCollate, SeededItems
 
-            sampler = IndexSampler(RankShardSampler(len(inner.idx_full)), inner.idx_full)
-        return self._loader(sampler)
+        inner = self.inner
+        if self.seed is None:
+            self.setup("fit")
+        if inner.clss_to_weight and inner.weight_scaler > 0:
+            if self.batches is not None:
+                sampler = self._weighted_sampler()
+            else:
+                sampler = self._label_weighted_sampler(inner.train_labels, inner.nnz)
+            order = WeightedEpochs(sampler, self.seed)
+        else:  # scdataloader's order: its shuffled split (the same every epoch)
+            order = FixedEpochs(np.asarray(inner.idx_full))
+        if self.batches is not None:
+            from scprint.trainer.batches import passthrough
+
+            dataset, collate = self.batches, passthrough
+        else:
+            dataset = SeededItems(inner.dataset, self.seed)
+            collate = SeededCollate(inner.kwargs["collate_fn"])
+        trainer = self.trainer
+        return ResumableLoader(
+            dataset,
+            order,
+            inner.kwargs["batch_size"],
+            seed=self.seed,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+            collate_fn=collate,
+            num_workers=inner.kwargs["num_workers"],
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+            trained=None if trainer is None else partial(_epoch_batches_done, trainer),
+        )
 
     def val_dataloader(self):
         return self._held_out_loader(self.inner.valid_idx, self.inner.val_dataloader)
@@ -248,19 +296,33 @@ class ScprintDataModule(L.LightningDataModule):
         return self._held_out_loader(self.inner.test_idx, self.inner.test_dataloader)
 
     def _held_out_loader(self, indices, stock_loader):
-        """A held-out split in order through the fast path (scdataloader's when it is off)."""
-        if self.batches is None:
-            return stock_loader()
-        if indices is None:
-            return []
-        return self._loader(np.asarray(indices).tolist())
+        """A held-out split in order through the fast path; through scdataloader's reader
+        and Collator (numpy seeded per batch) when the files are not local. Either way a
+        batch's random genes are keyed by its cells (scprint.trainer.resume.batch_seed)."""
+        if self.batches is not None:
+            return [] if indices is None else self._loader(np.asarray(indices).tolist())
+        stock = stock_loader()
+        if not isinstance(stock, DataLoader):
+            return stock
+        from scprint.trainer.resume import SeededCollate, SeededItems
+
+        if self.seed is None:
+            self.setup("fit")
+        kwargs = self.inner.kwargs
+        return DataLoader(
+            SeededItems(stock.dataset, self.seed),
+            sampler=stock.sampler,
+            batch_size=kwargs["batch_size"],
+            num_workers=kwargs["num_workers"],
+            collate_fn=SeededCollate(kwargs["collate_fn"]),
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if kwargs["num_workers"] else None,
+        )
 
     def predict_dataloader(self):
         return self.inner.predict_dataloader()
 
     def _loader(self, sampler):
-        from torch.utils.data import DataLoader
-
         from scprint.trainer.batches import passthrough
 
         return DataLoader(
@@ -320,17 +382,36 @@ class ScprintDataModule(L.LightningDataModule):
         return DataLoader(inner.dataset, sampler=sampler, **inner.kwargs)
 
 
-class IndexSampler:
-    """Yields ``indices[i]`` for each ``i`` of ``positions`` (a sampler over a subset)."""
+def _epoch_batches_done(trainer) -> int:
+    """The batches of the current epoch Lightning has trained on: where a resumed run
+    goes on (ResumableLoader's ``trained``)."""
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
-    def __init__(self, positions, indices):
-        self.positions, self.indices = positions, np.asarray(indices)
 
-    def __iter__(self):
-        return (int(self.indices[i]) for i in self.positions)
+class FixedEpochs:
+    """Every epoch the same cells in the same order (the training split, weight_scaler=0)."""
 
-    def __len__(self) -> int:
-        return len(self.positions)
+    def __init__(self, cells):
+        self.cells = np.asarray(cells, dtype=np.int64)
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        return self.cells
+
+
+class WeightedEpochs:
+    """An epoch's cells drawn by scdataloader's LabelWeightedSampler under generators
+    seeded with (seed, epoch) (scprint.trainer.resume.draw_epoch). Its curriculum exponent
+    follows its count of epochs drawn, which it keeps in the process: set to the epoch
+    first, so epoch e is drawn as a process that drew every epoch before it would."""
+
+    def __init__(self, sampler, seed: int):
+        self.sampler, self.seed = sampler, seed
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        from scprint.trainer.resume import draw_epoch
+
+        self.sampler.count = epoch  # __iter__ adds 1 first: epoch 0 draws with count 1
+        return draw_epoch(lambda: list(self.sampler), self.seed, epoch)
 
 
 def _weighted_sampler():
