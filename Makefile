@@ -23,11 +23,12 @@ demo: $(VENV)/.installed
 # the seed venv (below) holds upstream scPRINT for tests/test_upstream_*.py; the system
 # packages (Slurm, munge, Chromium) are installed as root with apt-get, else named and the
 # tests that need them skip (tests/system-packages.sh)
-# two workers, a module to each at a time (tests/conftest.py); TEST_WORKERS=0: one process
+# two pytest-xdist workers, each test module whole on one (its module-scoped fixtures
+# built once; the Slurm modules take turns on the cluster's lock); TEST_WORKERS=0: one process
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed $(SEED_VENV)/.installed
 	tests/system-packages.sh
-	python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(VENV)/.installed
 	ruff check scprint tests

@@ -28,19 +28,6 @@ sys.path.insert(0, str(NETGUARD_DIR))
 import sitecustomize  # noqa: E402,F401  (installs the guard in this process)
 
 
-def pytest_collection_modifyitems(config, items):
-    """`make test` runs the tests on two pytest-xdist workers (--dist loadgroup): each
-    module goes whole to one worker, so its module-scoped fixtures (a demo DAG, a laminDB
-    instance, a Slurm cluster) are built once; the Slurm modules share one group, since
-    the local clusters they start are one at a time on a machine."""
-    import pytest
-
-    for item in items:
-        module = item.nodeid.split("::")[0]
-        group = "slurm" if Path(module).stem.startswith("test_slurm") else module
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 def pytest_sessionstart(session):
     NETGUARD_LOG.unlink(missing_ok=True)
 
