@@ -51,3 +51,15 @@ def seeded_torch(device: torch.device, seed: int, *keys: int) -> Iterator[None]:
         with torch.cuda.device(index):
             torch.cuda.manual_seed(s)
         yield
+
+
+@contextmanager
+def seeded_numpy(seed: int) -> Iterator[None]:
+    """Inside: numpy's global generator seeded with ``seed`` (for code that draws from
+    ``np.random``: scdataloader's sampler and Collator); after: its state as it was."""
+    state = np.random.get_state()
+    np.random.seed(int(seed) % 2**32)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)

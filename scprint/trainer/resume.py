@@ -63,7 +63,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from scprint.seeds import EPOCH_ORDER, HELD_OUT_BATCH, TRAIN_BATCH, derive_seed
+from scprint.seeds import EPOCH_ORDER, HELD_OUT_BATCH, TRAIN_BATCH, derive_seed, seeded_numpy
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +72,10 @@ def draw_epoch(sample: Callable[[], object], seed: int, epoch: int) -> np.ndarra
     """``sample()`` (e.g. ``list(sampler)``) run under torch and numpy generators seeded
     with (seed, epoch), the caller's generator states left as they were: the epoch's cells
     as an int64 array, the same in every process and after every restart."""
-    state = np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        s = derive_seed(seed, EPOCH_ORDER, epoch)
+    s = derive_seed(seed, EPOCH_ORDER, epoch)
+    with torch.random.fork_rng(devices=[]), seeded_numpy(s):
         torch.manual_seed(s)
-        np.random.seed(s % 2**32)
-        try:
-            cells = sample()
-        finally:
-            np.random.set_state(state)
+        cells = sample()
     return np.asarray(list(cells) if not isinstance(cells, np.ndarray) else cells, np.int64)
 
 
@@ -328,9 +323,5 @@ class SeededCollate:
 
     def __call__(self, seeded: tuple[int, list]):
         seed, items = seeded
-        state = np.random.get_state()
-        np.random.seed(seed % 2**32)
-        try:
+        with seeded_numpy(seed):
             return self.collate(items)
-        finally:
-            np.random.set_state(state)
