@@ -8,7 +8,7 @@ job). The figure is read from Slurm's own records: the SubmitTime of each sbatch
 the run (1 s resolution), hence seconds per sbatch call; and the run's wall time to the
 last submission. Writes bench/results/slurm-submit.json.
 
-    python -m bench.slurm_submit [--jobs 16] [--grouped-jobs 40]
+    python -m bench.slurm_submit [--jobs 16] [--grouped-jobs 60]   # as root, ~4 min
 """
 
 from __future__ import annotations
