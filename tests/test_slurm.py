@@ -743,3 +743,23 @@ def test_a_bad_dataset_fails_its_batch_and_fails_alone_once_batches_are_off(clus
     assert by_item == expected
     assert (workdir / "batch" / f"{mate}.txt").exists()
     assert not (workdir / "batch" / "bad.txt").exists()
+
+
+@pytest.mark.slurm
+def test_a_batch_whose_summed_runtime_exceeds_max_time_is_refused_before_submitting(
+    cluster, tmp_path
+):
+    """Each job fits the partition's 60 minutes, two of them in one Slurm job do not."""
+    workdir = project(tmp_path)
+    set_batching(workdir, datasets_per_job=2)
+    path = workdir / "profiles" / "slurm" / "config.yaml"
+    profile = yaml.safe_load(path.read_text())
+    profile["set-resources"]["batch_item"] = {"slurm_partition": SHORT_PARTITION, "runtime": 40}
+    path.write_text(yaml.safe_dump(profile, sort_keys=False))
+    proc = snakemake(cluster, workdir, "batch/a.txt", "batch/b.txt", check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "group downloads (2 jobs): runtime 80 min > MaxTime 60 min of partition 'short'" in (
+        output
+    )
+    assert jobs_of_run(cluster, output) == []  # nothing was submitted
