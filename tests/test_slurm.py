@@ -616,11 +616,18 @@ def set_batching(workdir: Path, datasets_per_job: int) -> None:
     assert profile["set-resource-scopes"] == {"dataset_slots": "local"}
 
 
-def group_datasets(record: dict) -> list[str]:
-    """The datasets of a group job, from the comment the plugin gives it
-    (`rule_<group>_<rule>_wildcards_<value>_<value>...`)."""
-    _, _, values = record["Comment"].partition("_wildcards_")
-    return sorted(values.split("_")) if values else []
+# the plugin deletes the sbatch logs of successful jobs unless told to keep them: they
+# say which datasets a group job ran
+KEEP_LOGS = "--slurm-keep-successful-logs"
+
+
+def group_datasets(workdir: Path, record: dict) -> list[str]:
+    """The datasets (wildcard values) a group job ran: its comment has no wildcards
+    (`rule_<group>_<rule>`), its sbatch log has the inner Snakemake's `--target-jobs`."""
+    log = workdir / "logs" / "slurm" / f"group_{rule_of(record)}" / f"{record['JobId']}.log"
+    match = re.search(r"--target-jobs (.+?) --", log.read_text())
+    assert match, f"no --target-jobs in {log}"
+    return sorted(spec.partition("=")[2] for spec in match.group(1).split())
 
 
 def memory_mb(record: dict) -> float:
@@ -644,7 +651,7 @@ def test_the_demo_datasets_are_downloaded_and_preprocessed_in_fewer_slurm_jobs(c
     datasets = sorted(p.stem for p in (workdir / "results" / "listing").glob("*.tsv"))
     assert len(datasets) == 4
     proc = snakemake(
-        cluster, workdir, *demo, *[f"data/processed/{d}.h5ad" for d in datasets],
+        cluster, workdir, *demo, *[f"data/processed/{d}.h5ad" for d in datasets], KEEP_LOGS,
         snakefile=pipeline, timeout=1500,
     )  # fmt: skip
     records = jobs_of_run(cluster, proc.stdout + proc.stderr)
@@ -661,11 +668,11 @@ def test_the_demo_datasets_are_downloaded_and_preprocessed_in_fewer_slurm_jobs(c
     ):
         jobs = by_rule[rule]
         assert len(jobs) == 2, (rule, [r["Comment"] for r in jobs])  # 4 datasets, 2 sbatch
-        assert sorted(d for r in jobs for d in group_datasets(r)) == datasets, rule
+        assert sorted(d for r in jobs for d in group_datasets(workdir, r)) == datasets, rule
         for record in jobs:
             assert record["JobState"] == "COMPLETED", (rule, record["JobId"])
             members = [job_resources(stage, workdir / "results" / "listing" / f"{d}.tsv")
-                       for d in group_datasets(record)]  # fmt: skip
+                       for d in group_datasets(workdir, record)]  # fmt: skip
             # one dataset at a time: the runtimes add up, the memory is the largest one's
             assert minutes(record["TimeLimit"]) == sum(m["runtime"] for m in members), rule
             assert memory_mb(record) == max(m["mem_mb"] for m in members), rule
@@ -701,13 +708,13 @@ def test_a_bad_dataset_fails_its_batch_and_fails_alone_once_batches_are_off(clus
     items = ["a", "bad", "c", "flaky"]
     targets = [f"batch/{i}.txt" for i in items]
     config = ["--config", "batch_bad=bad", "batch_flaky=flaky"]
-    proc = snakemake(cluster, workdir, *targets, *config, check=False)
+    proc = snakemake(cluster, workdir, *targets, KEEP_LOGS, *config, check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     jobs: dict[tuple[str, ...], list[dict]] = {}
     for record in jobs_of_run(cluster, output):
         assert rule_of(record) == "downloads_batch_item"
-        jobs.setdefault(tuple(group_datasets(record)), []).append(record)
+        jobs.setdefault(tuple(group_datasets(workdir, record)), []).append(record)
     assert sorted(d for group in jobs for d in group) == items  # 2 groups of 2
     (bad_group,) = [g for g in jobs if "bad" in g]
     (mate,) = [d for d in bad_group if d != "bad"]
@@ -729,13 +736,13 @@ def test_a_bad_dataset_fails_its_batch_and_fails_alone_once_batches_are_off(clus
 
     # the remedy (docs/slurm.md): one dataset per job for the rerun
     rerun = snakemake(
-        cluster, workdir, *targets, *config,
-        "--group-components", "downloads=1", "preprocessing=1", check=False,
+        cluster, workdir, *targets, KEEP_LOGS, "--group-components", "downloads=1",
+        "preprocessing=1", *config, check=False,
     )  # fmt: skip
     assert rerun.returncode != 0
     by_item: dict[str, list[str]] = {}
     for record in jobs_of_run(cluster, rerun.stdout + rerun.stderr):
-        (item,) = group_datasets(record)
+        (item,) = group_datasets(workdir, record)
         by_item.setdefault(item, []).append(record["JobState"])
     expected = {"bad": ["FAILED"] * 3, mate: ["COMPLETED"]}
     if mate == "flaky" and not mate_ran:  # its very first attempt fails
