@@ -84,7 +84,8 @@ def partition_max_time(partition: str) -> int | None:
 
 def check_time_limits(jobs: list[tuple[str, str, int]]) -> None:
     """Refuse jobs (rule, partition, runtime minutes) that ask more than their partition's
-    MaxTime: Slurm would keep them PENDING forever and the run would wait silently."""
+    MaxTime: Slurm would keep them PENDING forever and the run would wait silently. A
+    group job's "rule" reads `group NAME (N jobs)`."""
     limits: dict[str, int | None] = {}
     too_long = {}
     for rule, partition, runtime in jobs:
@@ -97,27 +98,38 @@ def check_time_limits(jobs: list[tuple[str, str, int]]) -> None:
             too_long[rule] = (partition, runtime, limit)
     if too_long:
         lines = [
-            f"rule {rule}: runtime {runtime} min > MaxTime {limit} min of partition {part!r}"
+            f"{'' if rule.startswith('group ') else 'rule '}{rule}: runtime {runtime} min"
+            f" > MaxTime {limit} min of partition {part!r}"
             for rule, (part, runtime, limit) in sorted(too_long.items())
         ]
         raise StageError(
             "jobs ask for more time than their partition allows; Slurm would keep them "
             "PENDING forever:\n  " + "\n  ".join(lines) + "\nfix: lower `runtime` for the "
             "rule in profiles/slurm/config.yaml (training checkpoints and requeues itself "
-            "before the limit, so a run longer than MaxTime still finishes) or send it to a "
-            "partition with a longer MaxTime (`sinfo -o '%P %l'`)"
+            "before the limit, so a run longer than MaxTime still finishes), send it to a "
+            "partition with a longer MaxTime (`sinfo -o '%P %l'`), or for a group (its "
+            "jobs run one after another: runtimes add up) lower DATASETS PER JOB there"
         )
 
 
 def check_before_submitting(workflow) -> None:
-    """The Snakefiles' `onstart:` hook: on the Slurm executor, check every job to run
-    against its partition's MaxTime (jobs made after a checkpoint, such as per-dataset
-    downloads, are known only later and not checked here)."""
+    """The Snakefiles' `onstart:` hook: on the Slurm executor, check every job to run, and
+    every group job (the per-dataset batches: one sbatch job, runtimes summed), against
+    its partition's MaxTime (jobs made after a checkpoint, such as per-dataset downloads
+    on a first run, are known only later and not checked here)."""
     plugin = getattr(workflow, "executor_plugin", None)
     if getattr(plugin, "name", None) != "slurm":
         return
-    jobs = []
+    jobs, groups = [], set()
     for job in workflow.dag.needrun_jobs():
-        resources = job.resources
-        jobs.append((job.rule.name, resources.get("slurm_partition"), resources.get("runtime")))
+        group = workflow.dag.get_job_group(job)
+        if group is not None:
+            if group in groups:
+                continue
+            groups.add(group)
+            name = f"group {group.groupid} ({len(list(group.jobs))} jobs)"
+            resources = group.resources
+        else:
+            name, resources = job.rule.name, job.resources
+        jobs.append((name, resources.get("slurm_partition"), resources.get("runtime")))
     check_time_limits(jobs)

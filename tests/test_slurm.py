@@ -26,19 +26,15 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
-from slurm.cluster import ClusterUnavailable, LocalSlurm, why_unavailable
+from slurm.cluster import SNAKEMAKE_OVERRIDES, ClusterUnavailable, LocalSlurm, why_unavailable
 
 PROFILE = REPO / "profiles" / "slurm"
 TEST_SNAKEFILE = REPO / "tests" / "slurm" / "Snakefile"
-# What this cluster needs on top of the profile, and nothing else.
-CLUSTER_OVERRIDES = [
-    "--slurm-status-command", "squeue",
-    "--slurm-init-seconds-before-status-checks", "1",
-    "--seconds-between-status-checks", "1",
-]  # fmt: skip
 INTERNET_PARTITION = "internet"
 SHORT_PARTITION = "short"  # MaxTime 60 minutes, below train's 2,880
 GPU_RULES = {"gene_embeddings", "train", "finetune"}
+# the pipeline's per-dataset rules go to Slurm in groups: <group>_<rule> -> rule
+GROUP_JOBS = {"downloads_download": "download", "preprocessing_preprocess": "preprocess"}
 
 
 # -- the cluster ---------------------------------------------------------------------------
@@ -118,7 +114,7 @@ def snakemake(
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     cmd = [
         sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", str(workdir),
-        "--profile", "profiles/slurm", *CLUSTER_OVERRIDES, *args,
+        "--profile", "profiles/slurm", *SNAKEMAKE_OVERRIDES, *args,
     ]  # fmt: skip
     if background:
         return subprocess.Popen(
@@ -207,13 +203,14 @@ def expected_resources(profile_text: str) -> dict[str, dict]:
 
 def data_driven_runtimes(workdir: Path) -> dict[str, set[int]]:
     """rule -> the runtimes (minutes, first attempt) the workflow gives the jobs whose
-    resources follow each dataset's listing row."""
+    resources follow each dataset's listing row. The demo's 4 datasets are one Slurm job
+    per rule (the profile's groups, 10 datasets a job), run one after another: the sum."""
     from scprint.plan import collection_runtime_min, job_resources
 
     rows = sorted((workdir / "results" / "listing").glob("*.tsv"))
     return {
-        "download": {job_resources("download", row)["runtime"] for row in rows},
-        "preprocess": {job_resources("preprocess", row)["runtime"] for row in rows},
+        "download": {sum(job_resources("download", row)["runtime"] for row in rows)},
+        "preprocess": {sum(job_resources("preprocess", row)["runtime"] for row in rows)},
         "collection": {collection_runtime_min(len(rows))},
     }
 
@@ -556,13 +553,15 @@ def test_the_demo_dag_runs_on_slurm_with_every_rule_in_its_partition(cluster, tm
     records = jobs_of_run(cluster, proc.stdout + proc.stderr)
     by_rule: dict[str, list[dict]] = {}
     for record in records:
-        by_rule.setdefault(rule_of(record), []).append(record)
+        rule = rule_of(record)
+        by_rule.setdefault(GROUP_JOBS.get(rule, rule), []).append(record)
     assert set(by_rule) == {
         "lamin_instance", "ontologies", "demo_data", "list_datasets", "download", "preprocess",
         "collection", "gene_positions", "tiny_esm", "gene_embeddings", "train", "finetune",
         "report_datasets", "report_collection", "report_genes", "report_training",
     }  # fmt: skip
-    assert len(by_rule["download"]) == len(by_rule["preprocess"]) == 4
+    # the 4 datasets' downloads in one Slurm job, their preprocessings in another
+    assert len(by_rule["download"]) == len(by_rule["preprocess"]) == 1
     for rule, jobs in by_rule.items():
         for record in jobs:
             assert record["JobState"] == "COMPLETED", (rule, record["JobId"])
@@ -595,3 +594,179 @@ def test_the_demo_dag_runs_on_slurm_with_every_rule_in_its_partition(cluster, tm
     )  # fmt: skip
     report = (workdir / "report.html").read_text()
     assert "results/report/training/curves.png" in report and "dataset table" in report
+
+
+# -- many datasets: per-dataset jobs submitted in groups -------------------------------------
+
+
+def set_batching(workdir: Path, datasets_per_job: int) -> None:
+    """The profile's one number for it: datasets per Slurm job (both groups)."""
+    path = workdir / "profiles" / "slurm" / "config.yaml"
+    text, n = re.subn(
+        r"&datasets_per_job \d+", f"&datasets_per_job {datasets_per_job}", path.read_text()
+    )
+    assert n == 1, "expected one `&datasets_per_job N` in the profile"
+    path.write_text(text)
+    profile = yaml.safe_load(text)
+    assert profile["group-components"] == {
+        "downloads": datasets_per_job, "preprocessing": datasets_per_job,
+    }  # fmt: skip
+    # the datasets of a job run one after another: its request must say so
+    assert profile["resources"] == {"dataset_slots": 1}
+    assert profile["set-resource-scopes"] == {"dataset_slots": "local"}
+
+
+# the plugin deletes the sbatch logs of successful jobs unless told to keep them: they
+# say which datasets a group job ran
+KEEP_LOGS = "--slurm-keep-successful-logs"
+
+
+def group_datasets(workdir: Path, record: dict) -> list[str]:
+    """The datasets (wildcard values) a group job ran: its comment has no wildcards
+    (`rule_<group>_<rule>`), its sbatch log has the inner Snakemake's `--target-jobs`."""
+    log = workdir / "logs" / "slurm" / f"group_{rule_of(record)}" / f"{record['JobId']}.log"
+    match = re.search(r"--target-jobs (.+?) --", log.read_text())
+    assert match, f"no --target-jobs in {log}"
+    return sorted(spec.partition("=")[2] for spec in match.group(1).split())
+
+
+def memory_mb(record: dict) -> float:
+    value = record["MinMemoryNode"]
+    return float(value[:-1]) * (1024 if value.endswith("G") else 1)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_the_demo_datasets_are_downloaded_and_preprocessed_in_fewer_slurm_jobs(cluster, tmp_path):
+    """The demo's 4 datasets, 2 to a Slurm job: 2 download and 2 preprocess sbatch jobs
+    instead of 8. The plugin runs a job's datasets one after another, so each job asks for
+    the sum of its datasets' data-driven runtimes and the largest memory of one."""
+    from scprint.plan import job_resources
+
+    workdir = project(tmp_path)
+    set_batching(workdir, datasets_per_job=2)
+    demo = ("--configfile=config/demo.yaml",)
+    pipeline = REPO / "workflow" / "Snakefile"
+    snakemake(cluster, workdir, *demo, "results/datasets.tsv", snakefile=pipeline)
+    datasets = sorted(p.stem for p in (workdir / "results" / "listing").glob("*.tsv"))
+    assert len(datasets) == 4
+    proc = snakemake(
+        cluster, workdir, *demo, *[f"data/processed/{d}.h5ad" for d in datasets], KEEP_LOGS,
+        snakefile=pipeline, timeout=1500,
+    )  # fmt: skip
+    records = jobs_of_run(cluster, proc.stdout + proc.stderr)
+    by_rule: dict[str, list[dict]] = {}
+    for record in records:
+        by_rule.setdefault(rule_of(record), []).append(record)
+    # the groups are named <group>_<rule>; lamin_instance and ontologies run on their own
+    assert set(by_rule) == {
+        "downloads_download", "preprocessing_preprocess", "lamin_instance", "ontologies",
+    }  # fmt: skip
+    for rule, stage in (
+        ("downloads_download", "download"),
+        ("preprocessing_preprocess", "preprocess"),
+    ):
+        jobs = by_rule[rule]
+        assert len(jobs) == 2, (rule, [r["Comment"] for r in jobs])  # 4 datasets, 2 sbatch
+        assert sorted(d for r in jobs for d in group_datasets(workdir, r)) == datasets, rule
+        for record in jobs:
+            assert record["JobState"] == "COMPLETED", (rule, record["JobId"])
+            members = [job_resources(stage, workdir / "results" / "listing" / f"{d}.tsv")
+                       for d in group_datasets(workdir, record)]  # fmt: skip
+            # one dataset at a time: the runtimes add up, the memory is the largest one's
+            assert minutes(record["TimeLimit"]) == sum(m["runtime"] for m in members), rule
+            assert memory_mb(record) == max(m["mem_mb"] for m in members), rule
+            assert record["NumCPUs"] == "1", rule
+    assert {r["Partition"] for r in by_rule["downloads_download"]} == {INTERNET_PARTITION}
+    assert {r["Partition"] for r in by_rule["preprocessing_preprocess"]} == {"cpu"}
+    # the outputs: every dataset downloaded and preprocessed
+    import anndata
+
+    for d in datasets:
+        report = yaml.safe_load((workdir / "results" / "preprocess" / f"{d}.json").read_text())
+        processed = anndata.read_h5ad(workdir / "data" / "processed" / f"{d}.h5ad", backed="r")
+        raw = anndata.read_h5ad(workdir / "data" / "raw" / f"{d}.h5ad", backed="r")
+        assert 0 < processed.n_obs <= raw.n_obs, d
+        assert report, d
+
+
+def attempts_of(workdir: Path, item: str) -> list[str]:
+    """The Slurm job ids an item of the test Snakefile's batch_item rule ran in."""
+    path = workdir / "batch" / "attempts" / item
+    return path.read_text().split() if path.exists() else []
+
+
+@pytest.mark.slurm
+def test_a_bad_dataset_fails_its_batch_and_fails_alone_once_batches_are_off(cluster, tmp_path):
+    """What a dataset that always fails does to the datasets in its Slurm job (the
+    profile's `downloads` group, 2 per job; `bad` fails every attempt, `flaky` only its
+    first): the job is retried whole and fails every attempt, and Snakemake removes its
+    other dataset's output each time; other jobs finish (keep-going). The documented
+    remedy, a rerun with one dataset per job, leaves the bad one failing alone."""
+    workdir = project(tmp_path)
+    set_batching(workdir, datasets_per_job=2)
+    items = ["a", "bad", "c", "flaky"]
+    targets = [f"batch/{i}.txt" for i in items]
+    config = ["--config", "batch_bad=bad", "batch_flaky=flaky"]
+    proc = snakemake(cluster, workdir, *targets, KEEP_LOGS, *config, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    jobs: dict[tuple[str, ...], list[dict]] = {}
+    for record in jobs_of_run(cluster, output):
+        assert rule_of(record) == "downloads_batch_item"
+        jobs.setdefault(tuple(group_datasets(workdir, record)), []).append(record)
+    assert sorted(d for group in jobs for d in group) == items  # 2 groups of 2
+    (bad_group,) = [g for g in jobs if "bad" in g]
+    (mate,) = [d for d in bad_group if d != "bad"]
+    # the bad dataset's job: 3 attempts (retries: 2), all failed, its mate's output gone
+    assert [r["JobState"] for r in jobs[bad_group]] == ["FAILED"] * 3
+    assert not (workdir / "batch" / "bad.txt").exists()
+    assert not (workdir / "batch" / f"{mate}.txt").exists()
+    assert attempts_of(workdir, "bad")  # it ran
+    # the other job finished (after a retry when `flaky` is in it)
+    (good_group,) = [g for g in jobs if "bad" not in g]
+    states = [r["JobState"] for r in jobs[good_group]]
+    assert states == (["FAILED", "COMPLETED"] if "flaky" in good_group else ["COMPLETED"])
+    for item in good_group:
+        assert (workdir / "batch" / f"{item}.txt").read_text().strip() == jobs[good_group][-1][
+            "JobId"
+        ]
+
+    mate_ran = bool(attempts_of(workdir, mate))  # only when it came before `bad`
+
+    # the remedy (docs/slurm.md): one dataset per job for the rerun
+    rerun = snakemake(
+        cluster, workdir, *targets, KEEP_LOGS, "--group-components", "downloads=1",
+        "preprocessing=1", *config, check=False,
+    )  # fmt: skip
+    assert rerun.returncode != 0
+    by_item: dict[str, list[str]] = {}
+    for record in jobs_of_run(cluster, rerun.stdout + rerun.stderr):
+        (item,) = group_datasets(workdir, record)
+        by_item.setdefault(item, []).append(record["JobState"])
+    expected = {"bad": ["FAILED"] * 3, mate: ["COMPLETED"]}
+    if mate == "flaky" and not mate_ran:  # its very first attempt fails
+        expected[mate] = ["FAILED", "COMPLETED"]
+    assert by_item == expected
+    assert (workdir / "batch" / f"{mate}.txt").exists()
+    assert not (workdir / "batch" / "bad.txt").exists()
+
+
+@pytest.mark.slurm
+def test_a_batch_whose_summed_runtime_exceeds_max_time_is_refused_before_submitting(
+    cluster, tmp_path
+):
+    """Each job fits the partition's 60 minutes, two of them in one Slurm job do not."""
+    workdir = project(tmp_path)
+    set_batching(workdir, datasets_per_job=2)
+    path = workdir / "profiles" / "slurm" / "config.yaml"
+    profile = yaml.safe_load(path.read_text())
+    profile["set-resources"]["batch_item"] = {"slurm_partition": SHORT_PARTITION, "runtime": 40}
+    path.write_text(yaml.safe_dump(profile, sort_keys=False))
+    proc = snakemake(cluster, workdir, "batch/a.txt", "batch/b.txt", check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "group downloads (2 jobs): runtime 80 min > MaxTime 60 min of partition 'short'" in (
+        output
+    )
+    assert jobs_of_run(cluster, output) == []  # nothing was submitted

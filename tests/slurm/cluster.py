@@ -43,6 +43,13 @@ NODE_MEMORY_MB = 256_000
 # with squeue (no accounting database here) and the tests read the job records.
 MIN_JOB_AGE_S = 3600
 SLURM_ETC = Path("/etc/slurm")
+# What a Snakemake run through profiles/slurm needs on this cluster on top of the profile:
+# job states from squeue (no accounting database) and short poll intervals.
+SNAKEMAKE_OVERRIDES = [
+    "--slurm-status-command", "squeue",
+    "--slurm-init-seconds-before-status-checks", "1",
+    "--seconds-between-status-checks", "1",
+]  # fmt: skip
 MARKER = "# written by tests/slurm/cluster.py (removed when the test cluster stops)"
 
 

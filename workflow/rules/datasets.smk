@@ -52,6 +52,9 @@ rule plan:
         " --nodes {params.nodes} --gpus-per-node {params.gpus_per_node} 2>&1 | tee {log}"
 
 
+# On Slurm, several datasets' downloads (and, separately, preprocessings) go to the
+# cluster as one job, run one after another inside it: profiles/slurm's group-components
+# sets how many (docs/slurm.md "Many datasets"). Local runs ignore groups.
 rule download:
     input:
         DATASET_ROW,
@@ -59,9 +62,12 @@ rule download:
         RAW,
     log:
         "logs/download/{dataset}.log",
+    group:
+        "downloads"
     conda:
         "../../envs/data.yaml"
     resources:
+        dataset_slots=1,
         mem_mb=dataset_resource("download", "mem_mb"),
         runtime=dataset_resource("download", "runtime"),
     params:
@@ -81,9 +87,12 @@ rule preprocess:
         report=PREPROCESS_REPORT,
     log:
         "logs/preprocess/{dataset}.log",
+    group:
+        "preprocessing"
     conda:
         "../../envs/data.yaml"
     resources:
+        dataset_slots=1,
         mem_mb=dataset_resource("preprocess", "mem_mb"),
         runtime=dataset_resource("preprocess", "runtime"),
     params:
