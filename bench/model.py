@@ -19,9 +19,9 @@ classes (leaf labels only), ``transformer="normal"`` (its only CPU path; dropout
 ours), ``depth_atinput=True`` (a depth token, as ours), ``run_full_forward=False`` (so
 each view is one encoder pass, as ours). default: ``noise=[0.6], do_cls, do_generate``.
 all: adds ``mask_ratio=[0.3]``, ``do_mvc`` with ``mvc_decoder="inner product"``,
-``do_cce``, ``do_ecs``. Differences left: the seed's masked view is also downsampled
-(it does so whenever denoising is on), it decodes MVC on its first view only (ours on
-each view), and it adds an embedding-independence term with classification.
+``do_cce``, ``do_ecs``. Ours computes the same recipe (upstream's passes, noise model and
+loss terms: scprint.model.objectives, checked term by term against the seed's own
+``_full_training`` in tests/test_upstream_losses.py), so the two sides do the same work.
 
 Every configuration runs in a fresh subprocess (so its peak RSS is its own: model, data
 and the step), builds the model, runs one warm-up step (excluded from the time) and then
