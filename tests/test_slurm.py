@@ -203,19 +203,16 @@ def expected_resources(profile_text: str) -> dict[str, dict]:
 
 def data_driven_runtimes(workdir: Path) -> dict[str, set[int]]:
     """rule -> the runtimes (minutes, first attempt) the workflow gives the jobs whose
-    resources follow each dataset's listing row. The demo's 4 datasets are one Slurm job
-    per rule (the profile's groups, 10 datasets a job), run one after another: the sum."""
+    resources follow the listing (per dataset for download and preprocess: a Slurm job
+    of several datasets asks for their sum, checked with group_datasets)."""
     from scprint.plan import collection_runtime_min, job_resources
 
     rows = sorted((workdir / "results" / "listing").glob("*.tsv"))
     return {
-        "download": {sum(job_resources("download", row)["runtime"] for row in rows)},
-        "preprocess": {sum(job_resources("preprocess", row)["runtime"] for row in rows)},
+        "download": {job_resources("download", row)["runtime"] for row in rows},
+        "preprocess": {job_resources("preprocess", row)["runtime"] for row in rows},
         "collection": {collection_runtime_min(len(rows))},
     }
-
-
-# -- the profile as text: one place for site settings ----------------------------------------
 
 
 def effective_partitions(profile_text: str) -> dict[str, str]:
@@ -543,9 +540,15 @@ def test_sigusr1_checkpoints_requeues_and_the_job_resumes_at_the_same_step(clust
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_the_demo_dag_runs_on_slurm_with_every_rule_in_its_partition(cluster, tmp_path):
+    """The whole demo through the profile, with the demo's 4 datasets 2 to a Slurm job
+    (the profile's groups; 10 by default, which would put all 4 in one job and run them
+    one after another: 2 keeps two jobs side by side and still checks the batching)."""
+    from scprint.plan import job_resources
+
     workdir = project(tmp_path)
+    set_batching(workdir, datasets_per_job=2)
     proc = snakemake(
-        cluster, workdir, "--configfile=config/demo.yaml", "all",
+        cluster, workdir, "--configfile=config/demo.yaml", "all", KEEP_LOGS,
         snakefile=REPO / "workflow" / "Snakefile", timeout=3000,
     )  # fmt: skip
     wanted = expected_resources((workdir / "profiles" / "slurm" / "config.yaml").read_text())
@@ -560,12 +563,27 @@ def test_the_demo_dag_runs_on_slurm_with_every_rule_in_its_partition(cluster, tm
         "collection", "gene_positions", "tiny_esm", "gene_embeddings", "train", "finetune",
         "report_datasets", "report_collection", "report_genes", "report_training",
     }  # fmt: skip
-    # the 4 datasets' downloads in one Slurm job, their preprocessings in another
-    assert len(by_rule["download"]) == len(by_rule["preprocess"]) == 1
+    # 4 datasets, 2 to a job: 2 download and 2 preprocess sbatch jobs instead of 8
+    datasets = sorted(p.stem for p in (workdir / "results" / "listing").glob("*.tsv"))
+    assert len(datasets) == 4
+    for stage in ("download", "preprocess"):
+        jobs = by_rule[stage]
+        assert len(jobs) == 2, (stage, [r["Comment"] for r in jobs])
+        assert sorted(d for r in jobs for d in group_datasets(workdir, r)) == datasets, stage
+        for record in jobs:
+            members = [job_resources(stage, workdir / "results" / "listing" / f"{d}.tsv")
+                       for d in group_datasets(workdir, record)]  # fmt: skip
+            # the plugin runs a job's datasets one after another: the runtimes add up,
+            # the memory is the largest one's
+            assert minutes(record["TimeLimit"]) == sum(m["runtime"] for m in members), stage
+            assert memory_mb(record) == max(m["mem_mb"] for m in members), stage
+            assert record["NumCPUs"] == "1", stage
     for rule, jobs in by_rule.items():
         for record in jobs:
             assert record["JobState"] == "COMPLETED", (rule, record["JobId"])
             assert record["Partition"] == wanted[rule]["slurm_partition"], rule
+            if rule in ("download", "preprocess"):
+                continue  # checked above, member by member
             if rule in data_driven:  # the workflow's formulas (scprint.plan), not the profile
                 assert minutes(record["TimeLimit"]) in data_driven[rule], rule
             else:
@@ -573,6 +591,7 @@ def test_the_demo_dag_runs_on_slurm_with_every_rule_in_its_partition(cluster, tm
             gres = record.get("JOB_GRES")
             assert (gres == "gpu:1") if rule in GPU_RULES else gres in (None, "(null)"), rule
     assert {r["Partition"] for r in by_rule["download"]} == {INTERNET_PARTITION}
+    assert {r["Partition"] for r in by_rule["preprocess"]} == {"cpu"}
     # training ran as its own job step (profiles/slurm/srun-launch), where Lightning found
     # Slurm and armed the SIGUSR1 checkpoint-and-requeue handler
     train_log = (workdir / "logs" / "train" / "train.log").read_text()
@@ -633,61 +652,6 @@ def group_datasets(workdir: Path, record: dict) -> list[str]:
 def memory_mb(record: dict) -> float:
     value = record["MinMemoryNode"]
     return float(value[:-1]) * (1024 if value.endswith("G") else 1)
-
-
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_the_demo_datasets_are_downloaded_and_preprocessed_in_fewer_slurm_jobs(cluster, tmp_path):
-    """The demo's 4 datasets, 2 to a Slurm job: 2 download and 2 preprocess sbatch jobs
-    instead of 8. The plugin runs a job's datasets one after another, so each job asks for
-    the sum of its datasets' data-driven runtimes and the largest memory of one."""
-    from scprint.plan import job_resources
-
-    workdir = project(tmp_path)
-    set_batching(workdir, datasets_per_job=2)
-    demo = ("--configfile=config/demo.yaml",)
-    pipeline = REPO / "workflow" / "Snakefile"
-    snakemake(cluster, workdir, *demo, "results/datasets.tsv", snakefile=pipeline)
-    datasets = sorted(p.stem for p in (workdir / "results" / "listing").glob("*.tsv"))
-    assert len(datasets) == 4
-    proc = snakemake(
-        cluster, workdir, *demo, *[f"data/processed/{d}.h5ad" for d in datasets], KEEP_LOGS,
-        snakefile=pipeline, timeout=1500,
-    )  # fmt: skip
-    records = jobs_of_run(cluster, proc.stdout + proc.stderr)
-    by_rule: dict[str, list[dict]] = {}
-    for record in records:
-        by_rule.setdefault(rule_of(record), []).append(record)
-    # the groups are named <group>_<rule>; lamin_instance and ontologies run on their own
-    assert set(by_rule) == {
-        "downloads_download", "preprocessing_preprocess", "lamin_instance", "ontologies",
-    }  # fmt: skip
-    for rule, stage in (
-        ("downloads_download", "download"),
-        ("preprocessing_preprocess", "preprocess"),
-    ):
-        jobs = by_rule[rule]
-        assert len(jobs) == 2, (rule, [r["Comment"] for r in jobs])  # 4 datasets, 2 sbatch
-        assert sorted(d for r in jobs for d in group_datasets(workdir, r)) == datasets, rule
-        for record in jobs:
-            assert record["JobState"] == "COMPLETED", (rule, record["JobId"])
-            members = [job_resources(stage, workdir / "results" / "listing" / f"{d}.tsv")
-                       for d in group_datasets(workdir, record)]  # fmt: skip
-            # one dataset at a time: the runtimes add up, the memory is the largest one's
-            assert minutes(record["TimeLimit"]) == sum(m["runtime"] for m in members), rule
-            assert memory_mb(record) == max(m["mem_mb"] for m in members), rule
-            assert record["NumCPUs"] == "1", rule
-    assert {r["Partition"] for r in by_rule["downloads_download"]} == {INTERNET_PARTITION}
-    assert {r["Partition"] for r in by_rule["preprocessing_preprocess"]} == {"cpu"}
-    # the outputs: every dataset downloaded and preprocessed
-    import anndata
-
-    for d in datasets:
-        report = yaml.safe_load((workdir / "results" / "preprocess" / f"{d}.json").read_text())
-        processed = anndata.read_h5ad(workdir / "data" / "processed" / f"{d}.h5ad", backed="r")
-        raw = anndata.read_h5ad(workdir / "data" / "raw" / f"{d}.h5ad", backed="r")
-        assert 0 < processed.n_obs <= raw.n_obs, d
-        assert report, d
 
 
 def attempts_of(workdir: Path, item: str) -> list[str]:
