@@ -23,7 +23,15 @@ import pytest
 import yaml
 from conftest import REPO
 from slurm.cluster import ClusterUnavailable
-from slurm.site_cluster import ACCOUNT, GPU_TYPE, NODES, SUBMITTER, SiteSlurm, why_site_unavailable
+from slurm.site_cluster import (
+    ACCOUNT,
+    GPU_MEMORY_GRES,
+    GPU_TYPE,
+    NODES,
+    SUBMITTER,
+    SiteSlurm,
+    why_site_unavailable,
+)
 from test_slurm import (
     TEST_SNAKEFILE,
     edit_profile,
@@ -181,6 +189,43 @@ def test_a_runtime_above_max_time_is_refused_at_the_site(site, tmp_path):
         output = proc.stdout + proc.stderr
         assert proc.returncode != 0
         assert "rule train: runtime 2880 min > MaxTime 60 min of partition 'short'" in output
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.slurm
+def test_gpu_memory_and_memory_per_gpu_reach_the_job(site):
+    """The seed's request `--gres=gpu:A40:4,gmem:40G --mem-per-gpu 90G`, as this site has it:
+    config train.gpu_memory (a GRES, sent beside --gpus) and the profile's --mem-per-gpu with
+    mem_mb 0 (no --mem). The job's record shows both; the same profile with mem_mb left set
+    stops before submitting instead of failing in sbatch."""
+    workdir = site_project(Path(tempfile.mkdtemp(prefix="site-gmem-", dir="/tmp")))
+    try:
+        shape = ["--config", "train_gpus_per_node=2", f"train_gpu_model={GPU_TYPE}",
+                 f"train_gpu_memory={GPU_MEMORY_GRES}:40G"]  # fmt: skip
+        edit_profile(workdir, "train", cpus_per_task=1,
+                     slurm_extra="--signal=USR1@600 --mem-per-gpu=2G")  # fmt: skip
+        give_to_submitter(workdir)
+        refused = snakemake_as_user(site, workdir, "facts/train.txt", *shape, check=False)
+        assert refused.returncode != 0
+        assert "rule(s) train: --mem-per-gpu in slurm_extra together with mem_mb" in (
+            refused.stdout + refused.stderr
+        )
+        assert site_jobs(site, refused.stdout + refused.stderr) == {}  # nothing submitted
+
+        edit_profile(workdir, "train", mem_mb=0)
+        give_to_submitter(workdir)
+        proc = snakemake_as_user(site, workdir, "facts/train.txt", "--verbose", *shape)
+        output = proc.stdout + proc.stderr
+        (call,) = [line for line in output.splitlines() if "sbatch call:" in line]
+        assert f" --gres={GPU_MEMORY_GRES}:40G" in call and f" --gpus={GPU_TYPE}:2" in call
+        assert " --mem-per-gpu=2G" in call and " --mem " not in call, call
+        (record,) = [r for r in site.jobs() if r["JobName"] == run_id(output)]
+        assert record["JobState"] == "COMPLETED", record
+        assert record["TresPerNode"] == f"gres:{GPU_MEMORY_GRES}:40G", record
+        assert record["TresPerJob"] == f"gres:gpu:{GPU_TYPE}:2", record
+        assert record["MemPerTres"] == "gpu:2048", record
+        assert f"gres/{GPU_MEMORY_GRES}=40G" in site.sacct(record["JobId"])["AllocTRES"]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -466,8 +511,9 @@ def test_requeued_two_node_job_resumes_with_the_same_step_count(two_node_runs):
     )  # fmt: skip
     site.run(*site.as_submitter("scontrol"), "requeue", job)  # as the job's owner would
     # a requeued job waits for its BeginTime (about two minutes); start it now
-    wait_for(lambda: site.run("squeue", "-h", "-j", job, "-o", "%T", check=False)
-             .stdout.strip() == "PENDING", timeout=120, what="the job to be pending again")  # fmt: skip
+    wait_for(lambda: "Restarts=1 " in site.run("scontrol", "show", "job", "-o", job).stdout
+             and "JobState=PENDING" in site.run("scontrol", "show", "job", "-o", job).stdout,
+             timeout=120, what="the job to be requeued")  # fmt: skip
     site.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
     log = (runs.workdir / "logs" / "requeued.log").read_text
     assert wait_job(site, job) == "COMPLETED", log()[-6000:]

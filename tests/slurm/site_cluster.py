@@ -11,7 +11,8 @@ rules it reuses):
   host side, where slurmctld listens) that start() makes and stop() removes;
 - partitions cpu (default), gpu (``AllowQos=gpu``: jobs without ``--qos=gpu`` are refused)
   and short (gpu's nodes, ``MaxTime`` 60 minutes, below the train job's 2,880);
-- typed fake GPUs: ``gpu:a40:2`` a node (``File=/dev/null`` and ``/dev/zero``);
+- typed fake GPUs: ``gpu:a40:2`` a node (``File=/dev/null`` and ``/dev/zero``), and a
+  GPU-memory GRES ``gmem`` (48G a node, not consumed) as sites have for ``gmem:40G``;
 - jobs submitted by a non-root user (``SUBMITTER``, created if missing); job states read
   with ``sacct`` (the plugin's default).
 
@@ -54,6 +55,9 @@ NODES = {"node1": "10.77.0.11", "node2": "10.77.0.12"}
 ACCOUNT = "scprint-lab"
 SUBMITTER = "scprint-user"
 GPU_TYPE = "a40"
+# GPU memory as some sites ask for it (`--gres=gpu:A40:4,gmem:40G`): a count-only GRES a
+# node has, not consumed by the jobs that ask for it (each asks for "at least")
+GPU_MEMORY_GRES, GPU_MEMORY = "gmem", "48G"
 NODE_CPUS = 16
 NODE_MEMORY_MB = 256_000
 
@@ -258,7 +262,8 @@ StorageLoc=slurm_acct_db
         host = f"{socket.gethostname().split('.')[0]}({HOST_ADDR})"
         node_lines = "".join(
             f"NodeName={node} NodeHostname={node} NodeAddr={addr} CPUs={NODE_CPUS} "
-            f"RealMemory={NODE_MEMORY_MB} Gres=gpu:{GPU_TYPE}:2 State=UNKNOWN\n"
+            f"RealMemory={NODE_MEMORY_MB} "
+            f"Gres=gpu:{GPU_TYPE}:2,{GPU_MEMORY_GRES}:no_consume:{GPU_MEMORY} State=UNKNOWN\n"
             for node, addr in NODES.items()
         )
         self.conf.write_text(
@@ -284,14 +289,14 @@ MpiDefault=none
 SwitchType=switch/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
-GresTypes=gpu
+GresTypes=gpu,{GPU_MEMORY_GRES}
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort={dbd_port}
 # for slurmdbd connections the munge socket is this setting, not AuthInfo
 AccountingStoragePass={self.munge_socket}
 AccountingStorageEnforce=associations,limits,qos
-AccountingStorageTRES=gres/gpu,gres/gpu:{GPU_TYPE}
+AccountingStorageTRES=gres/gpu,gres/gpu:{GPU_TYPE},gres/{GPU_MEMORY_GRES}
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 SlurmdParameters=config_overrides
@@ -314,6 +319,7 @@ PartitionName=short Nodes=node[1-2] AllowQos=gpu MaxTime=60 State=UP
             f"{MARKER}\n"
             f"NodeName=node[1-2] Name=gpu Type={GPU_TYPE} File=/dev/null\n"
             f"NodeName=node[1-2] Name=gpu Type={GPU_TYPE} File=/dev/zero\n"
+            f"NodeName=node[1-2] Name={GPU_MEMORY_GRES} Count={GPU_MEMORY}\n"
         )
 
     def stop(self, unlock: bool = True) -> None:
