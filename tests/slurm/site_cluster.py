@@ -324,6 +324,17 @@ PartitionName=short Nodes=node[1-2] AllowQos=gpu MaxTime=60 State=UP
 
     def stop(self, unlock: bool = True) -> None:
         run = self.root / "run"
+        if (run / "slurmctld.pid").exists():
+            # jobs first: their slurmstepd and tasks outlive slurmd and would keep a node's
+            # network namespace, and with it the veth pair, alive (an interrupted test run
+            # left them; the next start failed on "File exists")
+            self.run("scancel", "--user", SUBMITTER, check=False)
+            self.run("scancel", "--user", "root", check=False)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and self.run(
+                "squeue", "-h", check=False
+            ).stdout.strip():
+                time.sleep(0.5)
         for pidfile in [run / f"slurmd-{n}.pid" for n in NODES] + [
             run / "slurmctld.pid",
             run / "slurmdbd.pid",
