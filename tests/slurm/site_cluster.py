@@ -331,9 +331,9 @@ PartitionName=short Nodes=node[1-2] AllowQos=gpu MaxTime=60 State=UP
             self.run("scancel", "--user", SUBMITTER, check=False)
             self.run("scancel", "--user", "root", check=False)
             deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and self.run(
-                "squeue", "-h", check=False
-            ).stdout.strip():
+            while (
+                time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip()
+            ):
                 time.sleep(0.5)
         for pidfile in [run / f"slurmd-{n}.pid" for n in NODES] + [
             run / "slurmctld.pid",
