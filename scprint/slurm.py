@@ -36,7 +36,12 @@ def train_resources(nodes: int, gpus_per_node: int, gpu_model: str | None = None
     ``gpu_memory``: a site's GRES for GPU memory, NAME:COUNT (``gmem:40G``, as in
     ``--gres=gpu:A40:4,gmem:40G``). Plugin 2.6.1 sends one GRES item (its pattern refuses
     a comma list) and refuses ``--gres`` in slurm_extra, so it goes in ``gres`` beside
-    ``--gpus``: one node only (several nodes need the GPUs in ``gres`` themselves)."""
+    ``--gpus``: one node only (several nodes need the GPUs in ``gres`` themselves), and
+    with ``--ntasks`` instead of ``--ntasks-per-gpu``.
+
+    ``mpi`` is "" or truthy: the train rule runs its command in the batch step either way
+    (the jobstep plugin only looks whether the key exists); truthy makes the submit plugin
+    send ``--ntasks={tasks}``."""
     if nodes < 1 or gpus_per_node < 1:
         raise StageError(
             f"train.nodes ({nodes}) and train.gpus_per_node ({gpus_per_node}) must be >= 1 "
@@ -47,9 +52,18 @@ def train_resources(nodes: int, gpus_per_node: int, gpu_model: str | None = None
             f"train.gpu_memory {gpu_memory!r}: expected the site's GPU-memory GRES as "
             "NAME:COUNT, e.g. gmem:40G (`sinfo -o '%N %G'` lists the node's GRES)"
         )
-    if nodes == 1:
+    if nodes == 1 and gpu_memory:
+        # Slurm 22.05 refuses --ntasks-per-gpu beside any other GRES ("Requested node
+        # configuration is not available", measured on the site test cluster), so the
+        # tasks are a count: the plugin sends --ntasks only for an "mpi" job with tasks > 1
+        # (one task is Slurm's default); the command is not wrapped in a step either way
         return {"nodes": 1, "gpu": gpus_per_node, "gpu_model": gpu_model or "",
-                "gres": gpu_memory or "", "tasks_per_gpu": 1}  # fmt: skip
+                "gres": gpu_memory, "tasks_per_gpu": 0,
+                "mpi": "srun" if gpus_per_node > 1 else "",
+                "tasks": gpus_per_node if gpus_per_node > 1 else 0}  # fmt: skip
+    if nodes == 1:
+        return {"nodes": 1, "gpu": gpus_per_node, "gpu_model": gpu_model or "", "gres": "",
+                "tasks_per_gpu": 1, "mpi": "", "tasks": 0}  # fmt: skip
     if gpu_memory:
         raise StageError(
             f"train.gpu_memory ({gpu_memory}) with train.nodes {nodes}: the Slurm plugin "
@@ -59,7 +73,7 @@ def train_resources(nodes: int, gpus_per_node: int, gpu_model: str | None = None
         )
     gpu_type = f"{gpu_model}:" if gpu_model else ""
     return {"nodes": nodes, "gpu": 0, "gpu_model": "", "gres": f"gpu:{gpu_type}{gpus_per_node}",
-            "tasks_per_gpu": 1}  # fmt: skip
+            "tasks_per_gpu": 1, "mpi": "", "tasks": 0}  # fmt: skip
 
 
 def trainer_args(nodes: int, gpus_per_node: int) -> list[str]:

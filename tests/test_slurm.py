@@ -263,6 +263,10 @@ def test_gpu_memory_goes_beside_the_gpus_and_mem_per_gpu_excludes_mem():
 
     one = train_resources(1, 4, "A40", "gmem:40G")
     assert (one["gpu"], one["gpu_model"], one["gres"]) == (4, "A40", "gmem:40G")
+    # Slurm refuses --ntasks-per-gpu beside another GRES: --ntasks (an "mpi" job's)
+    assert (one["tasks_per_gpu"], one["mpi"], one["tasks"]) == (0, "srun", 4)
+    single = train_resources(1, 1, "A40", "gmem:40G")  # one task: Slurm's default
+    assert (single["tasks_per_gpu"], single["mpi"], single["tasks"]) == (0, "", 0)
     assert train_resources(2, 1, "A40")["gres"] == "gpu:A40:1"
     with pytest.raises(StageError, match="single --gres item"):
         train_resources(2, 1, "A40", "gmem:40G")

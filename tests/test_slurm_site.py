@@ -219,13 +219,24 @@ def test_gpu_memory_and_memory_per_gpu_reach_the_job(site):
         output = proc.stdout + proc.stderr
         (call,) = [line for line in output.splitlines() if "sbatch call:" in line]
         assert f" --gres={GPU_MEMORY_GRES}:40G" in call and f" --gpus={GPU_TYPE}:2" in call
+        # Slurm 22.05 refuses --ntasks-per-gpu beside another GRES
+        assert " --ntasks=2" in call and "--ntasks-per-gpu" not in call, call
         assert " --mem-per-gpu=2G" in call and " --mem " not in call, call
         (record,) = [r for r in site.jobs() if r["JobName"] == run_id(output)]
         assert record["JobState"] == "COMPLETED", record
         assert record["TresPerNode"] == f"gres:{GPU_MEMORY_GRES}:40G", record
         assert record["TresPerJob"] == f"gres:gpu:{GPU_TYPE}:2", record
-        assert record["MemPerTres"] == "gpu:2048", record
-        assert f"gres/{GPU_MEMORY_GRES}=40G" in site.sacct(record["JobId"])["AllocTRES"]
+        assert record["MemPerTres"] == "gres:gpu:2048", record
+        assert (record["NumNodes"], record["NumTasks"]) == ("1", "2"), record
+        log = (workdir / "logs" / "train.log").read_text()
+        assert "srun --nodes=1 --ntasks=2 --cpus-per-task=1" in log, log
+        # the GRES is a real constraint: more GPU memory than a node has is refused
+        proc = site.run(
+            *site.as_submitter("sbatch"), "--parsable", "-p", "gpu", "-A", ACCOUNT,
+            "--qos=gpu", f"--gpus={GPU_TYPE}:1", f"--gres={GPU_MEMORY_GRES}:64G",
+            "-o", "/dev/null", "--wrap", "true", check=False,
+        )  # fmt: skip
+        assert "Requested node configuration is not available" in proc.stderr, proc
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
