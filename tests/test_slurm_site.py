@@ -534,6 +534,10 @@ def test_requeued_two_node_job_resumes_with_the_same_step_count(two_node_runs):
     uninterrupted = runs.reference()
     for r in (0, 1):
         assert batches(runs.record("requeued"), r) == batches(runs.record("full"), r), r
+        # resumed, not started again: no step was trained twice (a fresh start would, and
+        # would end with the same weights too)
+        lines = (runs.record("requeued") / f"rank{r}.jsonl").read_text().splitlines()
+        assert len(lines) == STEPS, lines
     resumed = load(runs.workdir / "checkpoints" / "requeued" / "last.ckpt")
     assert resumed["global_step"] == uninterrupted["global_step"] == STEPS
     assert differing(uninterrupted, resumed) == []
