@@ -241,6 +241,26 @@ def test_gpu_memory_and_memory_per_gpu_reach_the_job(site):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.mark.slurm
+def test_a_job_killed_by_the_memory_cgroup_is_retried_with_more(site):
+    """Slurm's task/cgroup kills a job over its --mem (state OUT_OF_MEMORY); Snakemake
+    resubmits it (the profile's retries) with 1.5x the memory, as the data-driven rules
+    ask on each attempt (scprint/plan.py), and the retry completes."""
+    workdir = site_project(Path(tempfile.mkdtemp(prefix="site-oom-", dir="/tmp")))
+    try:
+        proc = snakemake_as_user(site, workdir, "oom_cgroup/done.txt", "--config",
+                                 "oom_base_mb=1000")  # fmt: skip
+        output = proc.stdout + proc.stderr
+        records = [r for r in site.jobs() if r["JobName"] == run_id(output)]
+        states = [site.sacct(r["JobId"])["State"] for r in records]
+        assert states == ["OUT_OF_MEMORY", "COMPLETED"], (states, output[-3000:])
+        assert [r["MinMemoryNode"] for r in records] in (["1000M", "1500M"],
+                                                         ["1000M", "1.46G"]), records  # fmt: skip
+        assert (workdir / "oom_cgroup" / "done.txt").read_text() == "ok\n"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 # -- two-node DDP ----------------------------------------------------------------------------
 
 
@@ -308,7 +328,9 @@ def sbatch_two_nodes(site: SiteSlurm, workdir: Path, name: str, command: list[st
     proc = subprocess.run(
         [*site.as_submitter("sbatch"), "--parsable", "-J", name, "-p", "gpu", "-A", ACCOUNT,
          "--qos=gpu", "--nodes=2", "--ntasks-per-node=1", f"--gres=gpu:{GPU_TYPE}:1",
-         "--cpus-per-task=1", f"--chdir={workdir}", f"--output={workdir}/logs/{name}.log",
+         # memory is enforced (cgroups); both ranks count against one node's limit here
+         "--cpus-per-task=1", "--mem=8000",
+         f"--chdir={workdir}", f"--output={workdir}/logs/{name}.log",
          "--open-mode=append", *extra,
          "--wrap", shlex.join(["profiles/slurm/srun-launch", *command])],
         env=env, capture_output=True, text=True, check=True, timeout=60,

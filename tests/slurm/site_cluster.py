@@ -16,9 +16,10 @@ rules it reuses):
 - jobs submitted by a non-root user (``SUBMITTER``, created if missing); job states read
   with ``sacct`` (the plugin's default).
 
-Memory is not enforced (TaskPlugin=task/none, no cgroup): the nodes share the host's
-/sys/fs/cgroup, and cgroup v2 memory limits need a delegated, writable hierarchy that
-this container does not give (see docs/dev-notes.md).
+Memory is enforced as sites do: TaskPlugin=task/cgroup with cgroup/v1 (this VM mounts
+the v1 memory controller writable), ConstrainRAMSpace; a job over its --mem is killed
+and ends OUT_OF_MEMORY. Both nodes share the host's hierarchy: a 2-node job's ranks count
+against one limit (see docs/dev-notes.md).
 
 Needs root, ``slurmctld slurmd slurm-client slurmdbd munge mariadb-server`` and iproute2.
 Run by hand: ``python tests/slurm/site_cluster.py start DIR`` / ``stop DIR``.
@@ -284,7 +285,7 @@ SlurmdPidFile={r}/run/slurmd-%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
 SlurmdLogFile={r}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/cgroup
 MpiDefault=none
 SwitchType=switch/none
 SelectType=select/cons_tres
@@ -314,6 +315,14 @@ JobRequeue=0
 PartitionName=gpu Nodes=node[1-2] AllowQos=gpu MaxTime=INFINITE State=UP
 PartitionName=short Nodes=node[1-2] AllowQos=gpu MaxTime=60 State=UP
 """
+        )
+        # memory limits as sites enforce them: this VM mounts cgroup v1 controllers, memory
+        # writable (cgroup v2 here is an empty unified tree); both nodes share the host's
+        # hierarchy, so a 2-node job's ranks count against one job cgroup
+        (SLURM_ETC / "cgroup.conf").write_text(
+            f"{MARKER}\nCgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup\n"
+            "ConstrainRAMSpace=yes\nConstrainSwapSpace=yes\nAllowedSwapSpace=0\n"
+            "ConstrainCores=no\nConstrainDevices=no\n"
         )
         (SLURM_ETC / "gres.conf").write_text(
             f"{MARKER}\n"
@@ -347,6 +356,9 @@ PartitionName=short Nodes=node[1-2] AllowQos=gpu MaxTime=60 State=UP
         self._ip("link", "del", BRIDGE, check=False)
         if self.dbd_conf.exists() and MARKER in self.dbd_conf.read_text():
             self.dbd_conf.unlink()
+        cgroup_conf = SLURM_ETC / "cgroup.conf"
+        if cgroup_conf.exists() and MARKER in cgroup_conf.read_text():
+            cgroup_conf.unlink()
         super().stop(unlock=unlock)  # munged, slurm.conf, gres.conf, the lock
 
     # -- reading accounting ---------------------------------------------------------------
