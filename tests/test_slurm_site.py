@@ -243,7 +243,7 @@ def test_gpu_memory_and_memory_per_gpu_reach_the_job(site):
 
 @pytest.mark.slurm
 def test_a_job_killed_by_the_memory_cgroup_is_retried_with_more(site):
-    """Slurm's task/cgroup kills a job over its --mem (state OUT_OF_MEMORY); Snakemake
+    """Slurm's task/cgroup kills a job over its --mem (its step OUT_OF_MEMORY); Snakemake
     resubmits it (the profile's retries) with 1.5x the memory, as the data-driven rules
     ask on each attempt (scprint/plan.py), and the retry completes."""
     workdir = site_project(Path(tempfile.mkdtemp(prefix="site-oom-", dir="/tmp")))
@@ -253,7 +253,11 @@ def test_a_job_killed_by_the_memory_cgroup_is_retried_with_more(site):
         output = proc.stdout + proc.stderr
         records = [r for r in site.jobs() if r["JobName"] == run_id(output)]
         states = [site.sacct(r["JobId"])["State"] for r in records]
-        assert states == ["OUT_OF_MEMORY", "COMPLETED"], (states, output[-3000:])
+        # the kill hits the job step running the rule (the plugin's `srun ... snakemake`):
+        # that step is OUT_OF_MEMORY, the job FAILED (its batch script exits non-zero)
+        assert states == ["FAILED", "COMPLETED"], (states, output[-3000:])
+        steps = site.run("sacct", "-n", "-P", "-j", records[0]["JobId"], "-o", "JobID,State")
+        assert "|OUT_OF_MEMORY" in steps.stdout, steps.stdout
         assert [r["MinMemoryNode"] for r in records] in (["1000M", "1500M"],
                                                          ["1000M", "1.46G"]), records  # fmt: skip
         assert (workdir / "oom_cgroup" / "done.txt").read_text() == "ok\n"
