@@ -18,7 +18,7 @@ rules it reuses):
 
 Memory is enforced as sites do: TaskPlugin=task/cgroup with cgroup/v1 (this VM mounts
 the v1 memory controller writable), ConstrainRAMSpace; a job over its --mem is killed
-and ends OUT_OF_MEMORY. Both nodes share the host's hierarchy: a 2-node job's ranks count
+(the step that went over ends OUT_OF_MEMORY). Both nodes share the host's hierarchy: a 2-node job's ranks count
 against one limit (see docs/dev-notes.md).
 
 Needs root, ``slurmctld slurmd slurm-client slurmdbd munge mariadb-server`` and iproute2.
