@@ -332,7 +332,7 @@ def sbatch_two_nodes(site: SiteSlurm, workdir: Path, name: str, command: list[st
     proc = subprocess.run(
         [*site.as_submitter("sbatch"), "--parsable", "-J", name, "-p", "gpu", "-A", ACCOUNT,
          "--qos=gpu", "--nodes=2", "--ntasks-per-node=1", f"--gres=gpu:{GPU_TYPE}:1",
-         # memory is enforced (cgroups); both ranks count against one node's limit here
+         # memory is enforced (cgroups): a rank gets --mem, not DefMemPerCPU's 1000 MB
          "--cpus-per-task=1", "--mem=8000",
          f"--chdir={workdir}", f"--output={workdir}/logs/{name}.log",
          "--open-mode=append", *extra,

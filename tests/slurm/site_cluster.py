@@ -18,8 +18,8 @@ rules it reuses):
 
 Memory is enforced as sites do: TaskPlugin=task/cgroup with cgroup/v1 (this VM mounts
 the v1 memory controller writable), ConstrainRAMSpace; a job over its --mem is killed
-(the step that went over ends OUT_OF_MEMORY). Both nodes share the host's hierarchy: a 2-node job's ranks count
-against one limit (see docs/dev-notes.md).
+(the step that went over ends OUT_OF_MEMORY). Each slurmd keeps its own tree
+(/sys/fs/cgroup/memory/slurm_<node>); see docs/dev-notes.md.
 
 Needs root, ``slurmctld slurmd slurm-client slurmdbd munge mariadb-server`` and iproute2.
 Run by hand: ``python tests/slurm/site_cluster.py start DIR`` / ``stop DIR``.
@@ -317,8 +317,8 @@ PartitionName=short Nodes=node[1-2] AllowQos=gpu MaxTime=60 State=UP
 """
         )
         # memory limits as sites enforce them: this VM mounts cgroup v1 controllers, memory
-        # writable (cgroup v2 here is an empty unified tree); both nodes share the host's
-        # hierarchy, so a 2-node job's ranks count against one job cgroup
+        # writable (cgroup v2 here is an empty unified tree); each slurmd makes its own
+        # tree, /sys/fs/cgroup/memory/slurm_<node>
         (SLURM_ETC / "cgroup.conf").write_text(
             f"{MARKER}\nCgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup\n"
             "ConstrainRAMSpace=yes\nConstrainSwapSpace=yes\nAllowedSwapSpace=0\n"
