@@ -7,7 +7,8 @@ environment says what it does:
   batch after optimizer step N (ModelCheckpoint has written step N's checkpoint at the end
   of step N, ResumableCheckpoint after step N's validation), writes PREFIX.rank<r> and
   sleeps until it is killed: the kill point is a fact, not a race. A rank whose marker
-  exists already (a rerun) does not hold.
+  exists already (a rerun) does not hold. SCPRINT_TEST_PAUSE_RANKS=1 (or 0,1): only those
+  ranks hold; the others go on into the next step's collectives and wait there.
 - SCPRINT_TEST_BATCHES=DIR: each rank appends, per training batch, a JSON line (epoch,
   batch index, step, a digest of the batch's counts and genes) to DIR/rank<r>.jsonl:
   what each rank trained on.
@@ -35,6 +36,9 @@ class ResumeProbe(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         rank, step = trainer.global_rank, trainer.global_step
         at = os.environ.get("SCPRINT_TEST_PAUSE_AT")
+        only = os.environ.get("SCPRINT_TEST_PAUSE_RANKS")  # "1" or "0,1"; default: all
+        if only is not None and str(rank) not in only.split(","):
+            at = None
         if at is not None and step == int(at):
             marker = Path(f"{os.environ['SCPRINT_TEST_PAUSE_MARKER']}.rank{rank}")
             if not marker.exists():

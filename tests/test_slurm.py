@@ -248,6 +248,31 @@ def test_each_site_setting_is_changed_on_one_line():
     assert {res.get("slurm_account") for res in account.values()} == {"mylab"}
 
 
+def test_gpu_memory_goes_beside_the_gpus_and_mem_per_gpu_excludes_mem():
+    """The seed's `--gres=gpu:A40:4,gmem:40G --mem-per-gpu 90G` in what plugin 2.6.1 can send:
+    the GPU-memory GRES as the one `gres` item beside --gpus (one node); --mem-per-gpu in
+    slurm_extra only with mem_mb 0 (the plugin sends --mem for any other mem_mb)."""
+    from scprint.io import StageError
+    from scprint.slurm import check_memory_options, train_resources
+
+    one = train_resources(1, 4, "A40", "gmem:40G")
+    assert (one["gpu"], one["gpu_model"], one["gres"]) == (4, "A40", "gmem:40G")
+    # Slurm refuses --ntasks-per-gpu beside another GRES: --ntasks (an "mpi" job's)
+    assert (one["tasks_per_gpu"], one["mpi"], one["tasks"]) == (0, "srun", 4)
+    single = train_resources(1, 1, "A40", "gmem:40G")  # one task: Slurm's default
+    assert (single["tasks_per_gpu"], single["mpi"], single["tasks"]) == (0, "", 0)
+    assert train_resources(2, 1, "A40")["gres"] == "gpu:A40:1"
+    with pytest.raises(StageError, match="single --gres item"):
+        train_resources(2, 1, "A40", "gmem:40G")
+    with pytest.raises(StageError, match="NAME:COUNT"):
+        train_resources(1, 4, "A40", "gpu:A40:4,gmem:40G")
+
+    check_memory_options([("train", 0, "--signal=USR1@600 --mem-per-gpu=90G"),
+                          ("preprocess", 8000, None)])  # fmt: skip
+    with pytest.raises(StageError, match=r"rule\(s\) train: .*set `mem_mb: 0`"):
+        check_memory_options([("train", 64000, "--mem-per-gpu 90G")])
+
+
 # -- routing, on the cluster -----------------------------------------------------------------
 
 

@@ -11,13 +11,15 @@ rules it reuses):
   host side, where slurmctld listens) that start() makes and stop() removes;
 - partitions cpu (default), gpu (``AllowQos=gpu``: jobs without ``--qos=gpu`` are refused)
   and short (gpu's nodes, ``MaxTime`` 60 minutes, below the train job's 2,880);
-- typed fake GPUs: ``gpu:a40:2`` a node (``File=/dev/null`` and ``/dev/zero``);
+- typed fake GPUs: ``gpu:a40:2`` a node (``File=/dev/null`` and ``/dev/zero``), and a
+  GPU-memory GRES ``gmem`` (48G a node, not consumed) as sites have for ``gmem:40G``;
 - jobs submitted by a non-root user (``SUBMITTER``, created if missing); job states read
   with ``sacct`` (the plugin's default).
 
-Memory is not enforced (TaskPlugin=task/none, no cgroup): the nodes share the host's
-/sys/fs/cgroup, and cgroup v2 memory limits need a delegated, writable hierarchy that
-this container does not give (see docs/dev-notes.md).
+Memory is enforced as sites do: TaskPlugin=task/cgroup with cgroup/v1 (this VM mounts
+the v1 memory controller writable), ConstrainRAMSpace; a job over its --mem is killed
+(the step that went over ends OUT_OF_MEMORY). Each slurmd keeps its own tree
+(/sys/fs/cgroup/memory/slurm_<node>); see docs/dev-notes.md.
 
 Needs root, ``slurmctld slurmd slurm-client slurmdbd munge mariadb-server`` and iproute2.
 Run by hand: ``python tests/slurm/site_cluster.py start DIR`` / ``stop DIR``.
@@ -54,6 +56,9 @@ NODES = {"node1": "10.77.0.11", "node2": "10.77.0.12"}
 ACCOUNT = "scprint-lab"
 SUBMITTER = "scprint-user"
 GPU_TYPE = "a40"
+# GPU memory as some sites ask for it (`--gres=gpu:A40:4,gmem:40G`): a count-only GRES a
+# node has, not consumed by the jobs that ask for it (each asks for "at least")
+GPU_MEMORY_GRES, GPU_MEMORY = "gmem", "48G"
 NODE_CPUS = 16
 NODE_MEMORY_MB = 256_000
 
@@ -258,7 +263,8 @@ StorageLoc=slurm_acct_db
         host = f"{socket.gethostname().split('.')[0]}({HOST_ADDR})"
         node_lines = "".join(
             f"NodeName={node} NodeHostname={node} NodeAddr={addr} CPUs={NODE_CPUS} "
-            f"RealMemory={NODE_MEMORY_MB} Gres=gpu:{GPU_TYPE}:2 State=UNKNOWN\n"
+            f"RealMemory={NODE_MEMORY_MB} "
+            f"Gres=gpu:{GPU_TYPE}:2,{GPU_MEMORY_GRES}:no_consume:{GPU_MEMORY} State=UNKNOWN\n"
             for node, addr in NODES.items()
         )
         self.conf.write_text(
@@ -279,19 +285,19 @@ SlurmdPidFile={r}/run/slurmd-%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
 SlurmdLogFile={r}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/cgroup
 MpiDefault=none
 SwitchType=switch/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
-GresTypes=gpu
+GresTypes=gpu,{GPU_MEMORY_GRES}
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort={dbd_port}
 # for slurmdbd connections the munge socket is this setting, not AuthInfo
 AccountingStoragePass={self.munge_socket}
 AccountingStorageEnforce=associations,limits,qos
-AccountingStorageTRES=gres/gpu,gres/gpu:{GPU_TYPE}
+AccountingStorageTRES=gres/gpu,gres/gpu:{GPU_TYPE},gres/{GPU_MEMORY_GRES}
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 SlurmdParameters=config_overrides
@@ -310,14 +316,34 @@ PartitionName=gpu Nodes=node[1-2] AllowQos=gpu MaxTime=INFINITE State=UP
 PartitionName=short Nodes=node[1-2] AllowQos=gpu MaxTime=60 State=UP
 """
         )
+        # memory limits as sites enforce them: this VM mounts cgroup v1 controllers, memory
+        # writable (cgroup v2 here is an empty unified tree); each slurmd makes its own
+        # tree, /sys/fs/cgroup/memory/slurm_<node>
+        (SLURM_ETC / "cgroup.conf").write_text(
+            f"{MARKER}\nCgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup\n"
+            "ConstrainRAMSpace=yes\nConstrainSwapSpace=yes\nAllowedSwapSpace=0\n"
+            "ConstrainCores=no\nConstrainDevices=no\n"
+        )
         (SLURM_ETC / "gres.conf").write_text(
             f"{MARKER}\n"
             f"NodeName=node[1-2] Name=gpu Type={GPU_TYPE} File=/dev/null\n"
             f"NodeName=node[1-2] Name=gpu Type={GPU_TYPE} File=/dev/zero\n"
+            f"NodeName=node[1-2] Name={GPU_MEMORY_GRES} Count={GPU_MEMORY}\n"
         )
 
     def stop(self, unlock: bool = True) -> None:
         run = self.root / "run"
+        if (run / "slurmctld.pid").exists():
+            # jobs first: their slurmstepd and tasks outlive slurmd and would keep a node's
+            # network namespace, and with it the veth pair, alive (an interrupted test run
+            # left them; the next start failed on "File exists")
+            self.run("scancel", "--user", SUBMITTER, check=False)
+            self.run("scancel", "--user", "root", check=False)
+            deadline = time.monotonic() + 20
+            while (
+                time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip()
+            ):
+                time.sleep(0.5)
         for pidfile in [run / f"slurmd-{n}.pid" for n in NODES] + [
             run / "slurmctld.pid",
             run / "slurmdbd.pid",
@@ -330,6 +356,9 @@ PartitionName=short Nodes=node[1-2] AllowQos=gpu MaxTime=60 State=UP
         self._ip("link", "del", BRIDGE, check=False)
         if self.dbd_conf.exists() and MARKER in self.dbd_conf.read_text():
             self.dbd_conf.unlink()
+        cgroup_conf = SLURM_ETC / "cgroup.conf"
+        if cgroup_conf.exists() and MARKER in cgroup_conf.read_text():
+            cgroup_conf.unlink()
         super().stop(unlock=unlock)  # munged, slurm.conf, gres.conf, the lock
 
     # -- reading accounting ---------------------------------------------------------------

@@ -259,7 +259,9 @@ def train_slurm(resource):
     from scprint.slurm import train_resources
 
     t = config["train"]
-    return train_resources(t["nodes"], t["gpus_per_node"], t["gpu_model"])[resource]
+    return train_resources(
+        t["nodes"], t["gpus_per_node"], t["gpu_model"], t["gpu_memory"]
+    )[resource]
 
 
 def finetune_checkpoint():

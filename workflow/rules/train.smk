@@ -17,9 +17,10 @@ rule train:
     resources:
         # profiles/slurm sets `launcher` (profiles/slurm/srun-launch: one task per GPU, as
         # Lightning's SLURMEnvironment expects) and mpi="" keeps the Slurm plugin from
-        # wrapping the command in a step of its own, so SIGUSR1 before the time limit
+        # wrapping the command in a step of its own (the key's presence does; a value,
+        # with train.gpu_memory, makes it send --ntasks), so SIGUSR1 before the time limit
         # reaches only the training processes. Both empty elsewhere.
-        mpi="",
+        mpi=train_slurm("mpi"),
         launcher="",
         # the Slurm request from config train.nodes x train.gpus_per_node (+ gpu_model):
         # --nodes, a per-node --gres and one task per GPU (scprint/slurm.py); the same
@@ -29,6 +30,7 @@ rule train:
         gpu_model=train_slurm("gpu_model"),
         gres=train_slurm("gres"),
         tasks_per_gpu=train_slurm("tasks_per_gpu"),
+        tasks=train_slurm("tasks"),
     params:
         run=RUN,
         args=train_args(),
