@@ -113,8 +113,6 @@ def test_every_data_key_changes_behaviour(probe):
     assert base["test"] == 0 and k["test_split"] > 0
     assert base["batch"] == [8, 48] and k["max_len_batch_size"] == [5, 20]  # + batch_size
     assert k["how_most_descending"] and not k["how_random_descending"]
-    assert k["held_out_most_descending"] and not k["held_out_train_descending"]
-    assert k["held_out_same_genes_twice"]  # a fixed view: every validation, the same genes
     assert (base["n_genes"], k["gene_embeddings"]) == (180, 200)
     assert base["gene_pos"] is None and k["gene_positions"] == [0, 1, 2, 3]
     assert k["gene_positions_as_is"]  # the positions stage's ranks, not recomputed

@@ -12,7 +12,6 @@ to work around three of its traps with scdataloader 2.1.3 / torch 2.13:
 
 from __future__ import annotations
 
-import copy
 import logging
 from functools import partial
 
@@ -41,7 +40,6 @@ class ScprintDataModule(L.LightningDataModule):
         validation_split: float = 0.02,
         test_split: float = 0.0,
         how: str = "random expr",
-        held_out_how: str | None = None,
         max_len: int = 2200,
         gene_embeddings: str | None = None,
         gene_positions: str | None = None,
@@ -71,11 +69,6 @@ class ScprintDataModule(L.LightningDataModule):
             validation_split, test_split: share (float) or number (int) of cells held out;
                 the test split takes whole datasets.
             how: which genes of a cell become tokens: "random expr", "most expr", "all".
-            held_out_how: the same for the validation and test cells; None: ``how``.
-                "most expr" measures the model on the view it embeds cells with (the
-                finetune rule's, a cell's highest counts, the same genes every time), where
-                a cell's identifying genes are among its tokens; "random expr" measures it
-                on another random subset of each cell's genes than the ones it trained on.
             max_len: gene tokens per cell (expressed genes first, then unexpressed ones).
             gene_embeddings: parquet of gene embeddings; its index restricts the genes.
             gene_positions: parquet of genomic positions (`scprint gene-positions`), whose
@@ -180,12 +173,7 @@ class ScprintDataModule(L.LightningDataModule):
                     f"no gene of {gene_embeddings} is in the collection's gene table: the "
                     "embeddings were computed for other organisms or another gene id scheme"
                 )
-        from scprint.trainer.batches import HOWS
-
-        if held_out_how is not None and held_out_how not in HOWS:
-            raise StageError(f"data.held_out_how={held_out_how!r} is not one of {', '.join(HOWS)}")
         self.how, self.max_len = how, max_len
-        self.held_out_how = held_out_how or how
         self.seed: int | None = None  # the run's (scprint.seeds.run_seed), set in setup()
         self.batches = None  # scprint.trainer.batches.BatchDataset, built in setup()
         self.gene_pos = None
@@ -312,9 +300,7 @@ class ScprintDataModule(L.LightningDataModule):
         and Collator (numpy seeded per batch) when the files are not local. Either way a
         batch's random genes are keyed by its cells (scprint.trainer.resume.batch_seed)."""
         if self.batches is not None:
-            if indices is None:
-                return []
-            return self._loader(np.asarray(indices).tolist(), self.held_out_how)
+            return [] if indices is None else self._loader(np.asarray(indices).tolist())
         stock = stock_loader()
         if not isinstance(stock, DataLoader):
             return stock
@@ -328,7 +314,7 @@ class ScprintDataModule(L.LightningDataModule):
             sampler=stock.sampler,
             batch_size=kwargs["batch_size"],
             num_workers=kwargs["num_workers"],
-            collate_fn=SeededCollate(with_how(kwargs["collate_fn"], self.held_out_how)),
+            collate_fn=SeededCollate(kwargs["collate_fn"]),
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if kwargs["num_workers"] else None,
         )
@@ -336,11 +322,11 @@ class ScprintDataModule(L.LightningDataModule):
     def predict_dataloader(self):
         return self.inner.predict_dataloader()
 
-    def _loader(self, sampler, how: str | None = None):
+    def _loader(self, sampler):
         from scprint.trainer.batches import passthrough
 
         return DataLoader(
-            with_how(self.batches, how or self.how),
+            self.batches,
             sampler=sampler,
             batch_size=self.inner.kwargs["batch_size"],
             num_workers=self.inner.kwargs["num_workers"],
@@ -482,13 +468,3 @@ def rerank(positions: pd.DataFrame, tolerance: int, path: str) -> pd.DataFrame:
         for _, group in coords.groupby("organism", sort=False)
     ]
     return pd.concat(ranked).set_index("ensembl_gene_id")
-
-
-def with_how(reader, how: str):
-    """``reader`` (a BatchDataset or scdataloader's Collator) selecting genes by ``how``:
-    itself when it already does, else a shallow copy (the data it reads is shared)."""
-    if getattr(reader, "how", how) == how:
-        return reader
-    other = copy.copy(reader)
-    other.how = how
-    return other
