@@ -55,8 +55,9 @@ class ValidationMetrics(L.Callback):
                 is what training changed. An untrained model's cell embeddings carry no
                 cell-type information (its class tokens barely depend on the cell), so
                 its kNN is near chance (demo: 0.04-0.18 for 13 types): the kNN's rise
-                from there is what training put into the embedding. Off (upstream): the first values are those of the
-                first scheduled validation (``trainer.val_check_interval`` steps in).
+                from there is what training put into the embedding. Off (upstream): the
+                first values are those of the first scheduled validation
+                (``trainer.val_check_interval`` steps in).
         """
         super().__init__()
         if max_cells < 0 or denoise_cells < 0:
