@@ -261,6 +261,7 @@ VALIDATION_KEYS = {
     "noise": 0.3,
     "knn_k": 1,
     "knn_class": "organism",
+    "before_training": True,  # test_before_training_validates_the_untrained_model_once
 }
 
 
@@ -270,7 +271,7 @@ def test_every_validation_key_is_covered():
     assert set(inspect.signature(ValidationMetrics).parameters) == set(VALIDATION_KEYS)
 
 
-@pytest.mark.parametrize("key", VALIDATION_KEYS)
+@pytest.mark.parametrize("key", [k for k in VALIDATION_KEYS if k != "before_training"])
 def test_validation_key_changes_the_report(key):
     base = dict(knn_class="cell_type", knn_k=5)
     default, changed = (
@@ -280,6 +281,39 @@ def test_validation_key_changes_the_report(key):
     validate(module(), default)
     validate(module(), changed)
     assert default.history[0] != changed.history[0]
+
+
+def test_before_training_validates_the_untrained_model_once(tmp_path):
+    """before_training: one loop at step 0 on the untrained weights (the values a
+    validation of the fresh module gives), logged like the scheduled ones; a resumed run
+    does not repeat it, and training goes on as without it."""
+
+    def fit(steps, before, ckpt_path=None):
+        cb = ValidationMetrics(knn_class="cell_type", knn_k=3, before_training=before)
+        trainer = L.Trainer(
+            max_steps=steps, val_check_interval=1, num_sanity_val_steps=1, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[TrainingMode(lr_reduce_monitor=None), cb],
+        )  # fmt: skip
+        data = DataLoader(batches(n=2), batch_size=None)
+        model = module()
+        trainer.fit(model, data, data, ckpt_path=ckpt_path)
+        return trainer, cb, model
+
+    untrained = ValidationMetrics(knn_class="cell_type", knn_k=3)
+    validate(module(), untrained, batches(n=2))
+    trainer, cb, model = fit(2, True)
+    assert [row["step"] for row in cb.history] == [0, 1, 2]
+    assert {**cb.history[0], "epoch": 0} == {**untrained.history[0], "epoch": 0}
+    assert model.training  # handed back in train mode
+    _, plain, plain_model = fit(2, False)
+    assert [row["step"] for row in plain.history] == [1, 2]
+    assert cb.history[1:] == plain.history  # the same training after the extra loop
+    for a, b in zip(model.parameters(), plain_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    trainer.save_checkpoint(tmp_path / "state.ckpt")
+    _, resumed, _ = fit(3, True, tmp_path / "state.ckpt")
+    assert [row["step"] for row in resumed.history] == [0, 1, 2, 3]
 
 
 def test_history_survives_a_resume(tmp_path):

@@ -172,12 +172,16 @@ def test_whole_dag_produces_a_checkpoint_from_the_demo(demo_run):
     assert ckpt["global_step"] > 0 and ckpt["state_dict"]
     summary = yaml.safe_load((demo_run / "results" / "train" / "demo.json").read_text())
     assert summary["run"] == "demo"
-    # the demo visibly learns (issue 22): validation loss >= 20% below its first value
-    # (measured: 31%); the kNN cell-type score is recorded at every validation (it does not
-    # yet rise reliably within the demo's 240 steps: docs/dev-notes.md, h22b)
+    # the demo visibly learns (issue 22), from the untrained model (validation.
+    # before_training: first values at step 0): validation loss >= 20% below its first
+    # value (measured: -67%). The kNN cell-type score of the cell embedding is recorded at
+    # every validation, from step 0, but its rise is not asserted: standalone runs rose
+    # 0.115 -> 0.259, 0.179 -> 0.281, 0.155 -> 0.239 (seeds 42/0/1), this test's DAG run
+    # only 0.152 -> 0.167 (docs/dev-notes.md, h22k)
     learned = summary["first_last"]
     val_loss, knn = learned["val_loss"], learned["val/knn/cell_type_ontology_term_id"]
     assert val_loss["n"] >= 5 and val_loss["last_step"] > val_loss["first_step"], val_loss
+    assert val_loss["first_step"] == 0 and knn["first_step"] == 0, (val_loss, knn)
     assert val_loss["last"] <= 0.8 * val_loss["first"], val_loss
     assert knn["n"] == val_loss["n"], knn
     finetuned = yaml.safe_load((demo_run / "results" / "finetune" / "demo-blood.json").read_text())

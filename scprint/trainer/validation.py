@@ -8,7 +8,9 @@ and computes the same metrics (scprint.model.metrics), logged as ``val/acc/<clas
 ``val/acc`` (their mean), ``val/knn/<class>``, ``val/denoise`` (+ ``/reco2full``,
 ``/noisy2full``). Each loop's metrics are also kept in ``history`` (saved in checkpoints,
 so a resumed run keeps the earlier loops), which `scprint train-run` writes to
-results/train/<run>.json. The sanity-check loop before training is not measured.
+results/train/<run>.json. The sanity-check loop before training is not measured; with
+``before_training`` a full validation loop runs before the first training step instead,
+logged at step 0 like any other (val_loss included).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class ValidationMetrics(L.Callback):
         noise: float = 0.6,
         knn_k: int = 10,
         knn_class: str = "cell_type_ontology_term_id",
+        before_training: bool = False,
     ):
         """
         Args:
@@ -45,6 +48,16 @@ class ValidationMetrics(L.Callback):
             knn_k: neighbours of the kNN label accuracy on cell embeddings.
             knn_class: the class (obs column) kNN predicts; leaf labels only. Not
                 measured if the model does not predict it.
+            before_training: also validate once before the first training step (a fresh
+                run only, not a resumed one), so every validation metric's first value
+                is the model's before this run trained it (untrained, or the
+                ``init_from`` checkpoint) and "first -> last" in results/train/<run>.json
+                is what training changed. An untrained model's cell embeddings carry no
+                cell-type information (its class tokens barely depend on the cell), so
+                its kNN is near chance (demo: 0.04-0.18 for 13 types): the kNN's rise
+                from there is what training put into the embedding. Off (upstream): the
+                first values are those of the first scheduled validation
+                (``trainer.val_check_interval`` steps in).
         """
         super().__init__()
         if max_cells < 0 or denoise_cells < 0:
@@ -55,6 +68,7 @@ class ValidationMetrics(L.Callback):
             raise ValueError(f"validation.knn_k={knn_k}: must be >= 1")
         self.max_cells, self.denoise_cells, self.noise = max_cells, denoise_cells, noise
         self.knn_k, self.knn_class = knn_k, knn_class
+        self.before_training = before_training
         self.history: list[dict] = []
         self._reset()
 
@@ -64,6 +78,20 @@ class ValidationMetrics(L.Callback):
 
     def _measuring(self, trainer: L.Trainer) -> bool:
         return not trainer.sanity_checking and (self.max_cells > 0 or self.denoise_cells > 0)
+
+    # ---- before training: the untrained model's values ---------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not self.before_training or trainer.global_step > 0 or self.history:
+            return  # off, or a resumed run: its step-0 loop ran at its first start
+        # what the training epoch loop does around a scheduled validation (its
+        # on_advance_end); the loop logs at step 0, hands the model back in train mode,
+        # and runs nothing when there are no validation batches
+        trainer.validating = True
+        logger_connector = trainer._logger_connector
+        first_loop_iter = logger_connector._first_loop_iter
+        trainer.fit_loop.epoch_loop.val_loop.run()
+        trainer.training = True
+        logger_connector._first_loop_iter = first_loop_iter
 
     # ---- during the loop: keep what the metrics need ------------------------------------
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
