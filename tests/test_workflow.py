@@ -302,11 +302,12 @@ def test_rerun_gene_embeddings_alone(demo_run):
 
 
 def planned(output: str, rule: str) -> set[str]:
-    """Dataset wildcards of the jobs of ``rule`` in a dry run's job list."""
-    jobs = re.split(r"\n(?=(?:local)?(?:rule|checkpoint) )", output)
+    """Dataset wildcards of the jobs of ``rule`` in a dry run's job list (a job in a group,
+    as download and preprocess are, is listed indented under "Group job ...")."""
+    jobs = re.split(r"\n(?=\s*(?:local)?(?:rule|checkpoint) )", output)
     found = set()
     for job in jobs:
-        if re.match(rf"(?:local)?rule {rule}:", job):
+        if re.match(rf"\s*(?:local)?rule {rule}:", job):
             found |= set(re.findall(r"wildcards: dataset=([\w.-]+)", job))
     return found
 
