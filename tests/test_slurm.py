@@ -572,8 +572,14 @@ def test_the_demo_dag_runs_on_slurm_with_every_rule_in_its_partition(cluster, tm
 
     workdir = project(tmp_path)
     set_batching(workdir, datasets_per_job=2)
+    # the Slurm plumbing, not the learning (tests/test_workflow.py asserts that): a third
+    # of the demo's 360 training steps, through the config's train.args as a user would
+    demo = yaml.safe_load((workdir / "config" / "demo.yaml").read_text())
+    demo["train"]["args"] = ["--trainer.max_epochs", "6"]
+    (workdir / "config" / "demo-slurm.yaml").write_text(yaml.safe_dump(demo))
+    configfile = "--configfile=config/demo-slurm.yaml"
     proc = snakemake(
-        cluster, workdir, "--configfile=config/demo.yaml", "all", KEEP_LOGS,
+        cluster, workdir, configfile, "all", KEEP_LOGS,
         snakefile=REPO / "workflow" / "Snakefile", timeout=3000,
     )  # fmt: skip
     wanted = expected_resources((workdir / "profiles" / "slurm" / "config.yaml").read_text())
@@ -627,13 +633,13 @@ def test_the_demo_dag_runs_on_slurm_with_every_rule_in_its_partition(cluster, tm
     assert (workdir / "checkpoints" / "demo" / "last.ckpt").stat().st_size > 0
     # nothing left to do, as Slurm's records say (no new jobs)
     again = snakemake(
-        cluster, workdir, "--configfile=config/demo.yaml", "all",
+        cluster, workdir, configfile, "all",
         snakefile=REPO / "workflow" / "Snakefile",
     )  # fmt: skip
     assert "Nothing to be done" in again.stdout + again.stderr
     # the report, made through the same profile on the login node, submits no job
     snakemake(
-        cluster, workdir, "--configfile=config/demo.yaml", "--report", "report.html",
+        cluster, workdir, configfile, "--report", "report.html",
         snakefile=REPO / "workflow" / "Snakefile",
     )  # fmt: skip
     report = (workdir / "report.html").read_text()
