@@ -283,56 +283,45 @@ def test_validation_key_changes_the_report(key):
     assert default.history[0] != changed.history[0]
 
 
+def fit_validated(steps, before_training=False, ckpt_path=None):
+    """A short fit that validates after every step: (trainer, its ValidationMetrics, model)."""
+    cb = ValidationMetrics(knn_class="cell_type", knn_k=3, before_training=before_training)
+    trainer = L.Trainer(
+        max_steps=steps, val_check_interval=1, num_sanity_val_steps=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[TrainingMode(lr_reduce_monitor=None), cb],
+    )  # fmt: skip
+    data = DataLoader(batches(n=2), batch_size=None)
+    model = module()
+    trainer.fit(model, data, data, ckpt_path=ckpt_path)
+    return trainer, cb, model
+
+
 def test_before_training_validates_the_untrained_model_once(tmp_path):
     """before_training: one loop at step 0 on the untrained weights (the values a
     validation of the fresh module gives), logged like the scheduled ones; a resumed run
     does not repeat it, and training goes on as without it."""
-
-    def fit(steps, before, ckpt_path=None):
-        cb = ValidationMetrics(knn_class="cell_type", knn_k=3, before_training=before)
-        trainer = L.Trainer(
-            max_steps=steps, val_check_interval=1, num_sanity_val_steps=1, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[TrainingMode(lr_reduce_monitor=None), cb],
-        )  # fmt: skip
-        data = DataLoader(batches(n=2), batch_size=None)
-        model = module()
-        trainer.fit(model, data, data, ckpt_path=ckpt_path)
-        return trainer, cb, model
-
     untrained = ValidationMetrics(knn_class="cell_type", knn_k=3)
     validate(module(), untrained, batches(n=2))
-    trainer, cb, model = fit(2, True)
+    trainer, cb, model = fit_validated(2, True)
     assert [row["step"] for row in cb.history] == [0, 1, 2]
     assert {**cb.history[0], "epoch": 0} == {**untrained.history[0], "epoch": 0}
     assert model.training  # handed back in train mode
-    _, plain, plain_model = fit(2, False)
+    _, plain, plain_model = fit_validated(2, False)
     assert [row["step"] for row in plain.history] == [1, 2]
     assert cb.history[1:] == plain.history  # the same training after the extra loop
     for a, b in zip(model.parameters(), plain_model.parameters(), strict=True):
         assert torch.equal(a, b)
     trainer.save_checkpoint(tmp_path / "state.ckpt")
-    _, resumed, _ = fit(3, True, tmp_path / "state.ckpt")
+    _, resumed, _ = fit_validated(3, True, tmp_path / "state.ckpt")
     assert [row["step"] for row in resumed.history] == [0, 1, 2, 3]
 
 
 def test_history_survives_a_resume(tmp_path):
     """A resumed run (ckpt_path) keeps the metrics of the loops before the interruption."""
-
-    def fit(steps, ckpt_path=None):
-        cb = ValidationMetrics(knn_class="cell_type", knn_k=3)
-        trainer = L.Trainer(
-            max_steps=steps, val_check_interval=1, num_sanity_val_steps=1, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[TrainingMode(lr_reduce_monitor=None), cb],
-        )  # fmt: skip
-        data = DataLoader(batches(n=2), batch_size=None)
-        trainer.fit(module(), data, data, ckpt_path=ckpt_path)
-        return trainer, cb
-
-    trainer, first = fit(2)
+    trainer, first, _ = fit_validated(2)
     assert [row["step"] for row in first.history] == [1, 2]  # sanity check not measured
     trainer.save_checkpoint(tmp_path / "state.ckpt")
-    _, resumed = fit(3, tmp_path / "state.ckpt")
+    _, resumed, _ = fit_validated(3, ckpt_path=tmp_path / "state.ckpt")
     assert [row["step"] for row in resumed.history] == [1, 2, 3]
     assert resumed.history[:2] == first.history
