@@ -86,6 +86,27 @@ def test_cell_types_are_learnable_from_a_short_context_of_expressed_genes(demo_d
         assert accuracy >= 0.9, f"{spec.dataset_id}: 5-NN accuracy {accuracy:.2f}"
 
 
+def test_each_cell_types_markers_are_one_block_of_neighbouring_genes(demo_dir):
+    """A type's markers (8x above the other types) are consecutive genes in genome order,
+    an eighth of the genes, nearly silent in the other types: the demo's model finds them
+    through the gene position encoding (docs/report.md)."""
+    for spec in demo.DATASETS:
+        adata = ad.read_h5ad(demo_dir / "datasets" / f"{spec.dataset_id}.h5ad")
+        counts = (adata.raw.X if spec.normalized_x else adata.X).toarray()
+        genes = demo.demo_genes(spec.organism, 1200, seed=0).set_index("gene_id")
+        place = np.argsort(demo.genome_order(genes.loc[adata.var_names].reset_index()))
+        labels = adata.obs["cell_type_ontology_term_id"].to_numpy()
+        for cell_type in spec.cell_types:
+            inside = counts[labels == cell_type].mean(axis=0)
+            outside = counts[labels != cell_type].mean(axis=0)
+            markers = np.flatnonzero(inside > 8 * outside + 1)
+            where = np.sort(place[markers])
+            assert len(markers) == 1200 // demo.MARKER_BLOCKS, (spec.dataset_id, cell_type)
+            assert where[-1] - where[0] == len(where) - 1, f"{cell_type}: not one block"
+            others = counts[labels != cell_type][:, markers].mean()
+            assert others < 0.2 * inside[markers].mean() / 8, (cell_type, others)
+
+
 def test_gene_ids_are_real_gencode_ids_of_the_organism(demo_dir):
     from scprint.data.organisms import gene_table
 

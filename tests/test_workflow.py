@@ -172,18 +172,19 @@ def test_whole_dag_produces_a_checkpoint_from_the_demo(demo_run):
     assert ckpt["global_step"] > 0 and ckpt["state_dict"]
     summary = yaml.safe_load((demo_run / "results" / "train" / "demo.json").read_text())
     assert summary["run"] == "demo"
-    # the demo visibly learns (issue 22), from the untrained model (validation.
-    # before_training: first values at step 0): validation loss >= 20% below its first
-    # value (measured: -67%). The kNN cell-type score of the cell embedding is recorded at
-    # every validation, from step 0, but its rise is not asserted: standalone runs rose
-    # 0.115 -> 0.259, 0.179 -> 0.281, 0.155 -> 0.239 (seeds 42/0/1), this test's DAG run
-    # only 0.152 -> 0.167 (docs/dev-notes.md, h22k)
+    # the demo visibly learns (issue 22), from its first validation (30 steps in: the
+    # untrained model's kNN is no baseline on this data, config/demo_train.yml): the
+    # validation loss >= 20% lower (measured: -53%), the kNN cell-type score of the cell
+    # embedding and the cell-type accuracy up (measured, seeds 42/0: kNN 0.67 -> 0.98,
+    # 0.68 -> 1.0; accuracy 0.14 -> 0.86, 0.14 -> 1.0 at step 720)
     learned = summary["first_last"]
     val_loss, knn = learned["val_loss"], learned["val/knn/cell_type_ontology_term_id"]
+    accuracy = learned["val/acc/cell_type_ontology_term_id"]
     assert val_loss["n"] >= 5 and val_loss["last_step"] > val_loss["first_step"], val_loss
-    assert val_loss["first_step"] == 0 and knn["first_step"] == 0, (val_loss, knn)
+    assert knn["first_step"] == val_loss["first_step"] < 60 and knn["n"] == val_loss["n"], knn
     assert val_loss["last"] <= 0.8 * val_loss["first"], val_loss
-    assert knn["n"] == val_loss["n"], knn
+    assert knn["last"] >= knn["first"] + 0.15, knn
+    assert accuracy["last"] >= 0.5 > accuracy["first"], accuracy
     finetuned = yaml.safe_load((demo_run / "results" / "finetune" / "demo-blood.json").read_text())
     assert len(finetuned["labels"]) == 5 and finetuned["trainable_params"] > 0
     assert finetuned["trainable_share"] <= 0.02  # the issue's bound, with the demo's r
