@@ -115,7 +115,7 @@ def genome_order(genes) -> np.ndarray:
     return np.lexsort((genes["start"].to_numpy(), chrom.to_numpy()))
 
 
-def _counts(rng, n_cells: int, labels: np.ndarray, n_types: int, order: np.ndarray):
+def _counts(rng, n_cells: int, labels: np.ndarray, n_types: int, order: np.ndarray, layout: str):
     """Poisson counts: a log-normal baseline per gene; each cell type's markers are one
     block of neighbouring genes (an eighth of the genes, ``order`` being genome order),
     high in that type and nearly silent in the others.
@@ -125,14 +125,24 @@ def _counts(rng, n_cells: int, labels: np.ndarray, n_types: int, order: np.ndarr
     type's markers, and neighbouring genes share most of their position encoding, so
     attention can find a type's block. Markers scattered over the genome (the previous
     demo) left the cell-type token at what knowing the dataset gives (accuracy ~0.2 after
-    1,080 steps; docs/report.md)."""
+    1,080 steps; docs/report.md).
+
+    ``layout="scattered"``: that previous demo's markers (n_genes / 20 random genes, at
+    baseline in the other types), for tests that need cell types a frozen model's probe
+    does not already tell apart (fine-tuning) or genes that vary within a type."""
     n_genes = len(order)
     baseline = rng.lognormal(mean=-1.0, sigma=1.2, size=n_genes)
-    per_type = max(n_genes // MARKER_BLOCKS, 1)
-    blocks = rng.permutation(n_genes // per_type)[:n_types]
-    markers = np.stack([order[k * per_type : (k + 1) * per_type] for k in blocks])
     programs = np.ones((n_types, n_genes))
-    programs[:, markers.ravel()] = MARKER_ELSEWHERE
+    if layout == "scattered":
+        per_type = max(n_genes // 20, 1)
+        markers = rng.permutation(n_genes)[: n_types * per_type].reshape(n_types, per_type)
+    elif layout == "blocks":
+        per_type = max(n_genes // MARKER_BLOCKS, 1)
+        blocks = rng.permutation(n_genes // per_type)[:n_types]
+        markers = np.stack([order[k * per_type : (k + 1) * per_type] for k in blocks])
+        programs[:, markers.ravel()] = MARKER_ELSEWHERE
+    else:
+        raise ValueError(f"marker layout {layout!r}: 'blocks' or 'scattered'")
     for t in range(n_types):
         own = markers[t]
         programs[t, own] = MARKER_FOLD * np.maximum(baseline[own], MARKER_FLOOR) / baseline[own]
@@ -146,8 +156,9 @@ def _embedding(rng, labels: np.ndarray, n_types: int) -> np.ndarray:
     return (centers[labels] + rng.normal(size=(len(labels), 2))).astype(np.float32)
 
 
-def make_dataset(spec: DemoDataset, genes, seed: int):
-    """Build one AnnData in CELLxGENE schema 7 from the spec."""
+def make_dataset(spec: DemoDataset, genes, seed: int, markers: str = "blocks"):
+    """Build one AnnData in CELLxGENE schema 7 from the spec (``markers``: the marker
+    layout, see _counts)."""
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
@@ -156,7 +167,7 @@ def make_dataset(spec: DemoDataset, genes, seed: int):
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     n_types = len(spec.cell_types)
     labels = rng.integers(0, n_types, size=spec.n_cells)
-    counts = _counts(rng, spec.n_cells, labels, n_types, genome_order(genes))
+    counts = _counts(rng, spec.n_cells, labels, n_types, genome_order(genes), markers)
     donors = np.array([f"{spec.dataset_id}-donor{i}" for i in range(3)])
     donor_idx = rng.integers(0, len(donors), size=spec.n_cells)
     ethnicities = np.array(ETHNICITY[spec.organism])
