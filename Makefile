@@ -31,7 +31,8 @@ test: $(VENV)/.installed $(SEED_VENV)/.installed
 	python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(VENV)/.installed
-	ruff check scprint tests
+	ruff check scprint tests bench
+	ruff format --check scprint tests bench
 	snakefmt --check workflow
 	snakemake --lint --configfile=config/demo.yaml
 

@@ -155,7 +155,9 @@ def ours(workdir: Path, config: Path, init: Path, seed: int, name: str) -> dict:
 
 def _config_args(config: Path) -> list[str]:
     """The repository's configs (not the work dir's copy, made with the collection)."""
-    return [a for path in [*(str(REPO / c) for c in CONFIGS), str(config)] for a in ("--config", path)]
+    return [
+        a for path in [*(str(REPO / c) for c in CONFIGS), str(config)] for a in ("--config", path)
+    ]
 
 
 def _csv_curve(root: Path) -> list[dict]:

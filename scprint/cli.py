@@ -22,7 +22,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "list-datasets": ("scprint.data.listing", "list CELLxGENE or local datasets to a TSV"),
     "plan": ("scprint.plan", "the bill before the run: data, memory, CPU- and GPU-hours"),
     "download": ("scprint.data.download", "download one dataset, resumable and verified"),
-    "preprocess": ("scprint.data.preprocess", "scdataloader's preprocessing of one dataset, chunked"),
+    "preprocess": (
+        "scprint.data.preprocess",
+        "scdataloader's preprocessing of one dataset, chunked",
+    ),
     "collection": ("scprint.data.collection", "register processed datasets as one collection"),
     "gene-positions": ("scprint.embeddings.positions", "genomic rank of every gene"),
     "gene-embeddings": ("scprint.embeddings.esm", "ESM2 protein embeddings per gene"),

@@ -299,10 +299,23 @@ def test_upstream_docs_command_line_and_size_files(workdir, tmp_path):
     for size_file, nhead in ((REPO / "config/pretrain_small.yml", 8), (upstream_small, 8)):
         proc = run_cli(
             [
-                "fit", "--config", REPO / "config/base.yml", "--config", size_file,
-                "--model.transformer", "flash", "--model.mvc_decoder", "inner product",
-                "--model.residual_in_fp32", "true", "--model.nhead", str(nhead),
-                "--scprint_training.name", "o2uniqsx", "--trainer.strategy", "auto",
+                "fit",
+                "--config",
+                REPO / "config/base.yml",
+                "--config",
+                size_file,
+                "--model.transformer",
+                "flash",
+                "--model.mvc_decoder",
+                "inner product",
+                "--model.residual_in_fp32",
+                "true",
+                "--model.nhead",
+                str(nhead),
+                "--scprint_training.name",
+                "o2uniqsx",
+                "--trainer.strategy",
+                "auto",
                 "--print_config",
             ],  # fmt: skip
             cwd=workdir,

@@ -109,12 +109,15 @@ def edit_profile(workdir: Path, rule: str, **resources) -> None:
 def snakemake(
     cluster: LocalSlurm, workdir: Path, *args: str, snakefile: Path = TEST_SNAKEFILE,
     check: bool = True, background: bool = False, timeout: float = 900, env: dict | None = None,
+    run_as: list[str] = (), polls: list[str] = SNAKEMAKE_OVERRIDES,
 ):  # fmt: skip
+    """Snakemake on the test cluster with the project's Slurm profile; `run_as` prefixes the
+    command (the site cluster's non-root submitter), `polls` sets the plugin's polling."""
     env = dict(env or cluster.env())
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     cmd = [
-        sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", str(workdir),
-        "--profile", "profiles/slurm", *SNAKEMAKE_OVERRIDES, *args,
+        *run_as, sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", str(workdir),
+        "--profile", "profiles/slurm", *polls, *args,
     ]  # fmt: skip
     if background:
         return subprocess.Popen(

@@ -33,13 +33,13 @@ from slurm.site_cluster import (
     why_site_unavailable,
 )
 from test_slurm import (
-    TEST_SNAKEFILE,
     edit_profile,
     facts,
     fit_args,
     project,
     run_id,
     set_site,
+    snakemake,
     wait_for,
 )
 
@@ -92,29 +92,10 @@ def give_to_submitter(path: Path) -> None:
 def snakemake_as_user(site: SiteSlurm, workdir: Path, *args: str, env: dict | None = None,
                       check: bool = True, timeout: float = 900):  # fmt: skip
     env = dict(env or site.env())
-    env.update(
-        HOME=str(workdir), USER=SUBMITTER, LOGNAME=SUBMITTER,
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-        XDG_CACHE_HOME=str(workdir / ".cache"),
-    )  # fmt: skip
-    cmd = [
-        *site.as_submitter(sys.executable), "-m", "snakemake",
-        "-s", str(TEST_SNAKEFILE), "-d", str(workdir), "--profile", "profiles/slurm",
-        *FAST_POLLS, *args,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
-    if check and proc.returncode != 0:
-        logs = "\n".join(
-            f"--- {log}\n{log.read_text()[-3000:]}"
-            for log in sorted(workdir.glob("logs/**/*.log"))
-            if log.is_file()
-        )
-        raise AssertionError(
-            f"snakemake exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-            f"\n{logs}"
-        )
-    return proc
+    env.update(HOME=str(workdir), USER=SUBMITTER, LOGNAME=SUBMITTER,
+               XDG_CACHE_HOME=str(workdir / ".cache"))  # fmt: skip
+    return snakemake(site, workdir, *args, env=env, check=check, timeout=timeout,
+                     run_as=site.as_submitter(), polls=FAST_POLLS)  # fmt: skip
 
 
 def site_jobs(site: SiteSlurm, output: str) -> dict[str, dict]:

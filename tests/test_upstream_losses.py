@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_upstream
+from upstream.record_steps import RecordSteps
 
 from scprint.cli import main as scprint_main
 from scprint.model.lightning import ScPrintModule
@@ -155,17 +156,6 @@ class ReplayDownsample(Corruption):
         out = self.draws.pop(0)
         assert out.shape == x.shape
         return out.to(x.dtype)
-
-
-class RecordSteps(L.Callback):
-    def __init__(self):
-        self.lr, self.val_loss = [], []
-
-    def on_train_batch_end(self, trainer, *args):
-        self.lr.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-    def on_validation_end(self, trainer, pl_module):
-        self.val_loss.append(float(trainer.callback_metrics["val_loss"]))
 
 
 def test_optimizer_and_schedule_match_upstream_but_for_its_two_quirks(upstream_run):

@@ -38,6 +38,8 @@ from scprint.io import StageError, check_dataset_id, write_text
 log = logging.getLogger(__name__)
 
 DEFAULT_API = "https://api.cellxgene.cziscience.com/curation/v1"
+
+
 def known_count(value) -> int | None:
     """A size or cell count from a remote listing, or None when unknown.
 

@@ -236,6 +236,11 @@ class ScprintDataModule(L.LightningDataModule):
         if self.batches is not None:
             self.batches.seed = self.seed
 
+    def _set_up(self) -> None:
+        """A Trainer calls setup() before asking for loaders; a script need not."""
+        if self.seed is None:
+            self.setup("fit")
+
     # the run's seed rides in checkpoints: a resumed run draws what the first start would
     # have drawn even when seed_everything picked a new random seed (seed_everything: true)
     def state_dict(self) -> dict:
@@ -256,9 +261,8 @@ class ScprintDataModule(L.LightningDataModule):
         checkpoint's batch with the same draws."""
         from scprint.trainer.resume import ResumableLoader, SeededCollate, SeededItems
 
+        self._set_up()
         inner = self.inner
-        if self.seed is None:
-            self.setup("fit")
         if inner.clss_to_weight and inner.weight_scaler > 0:
             if self.batches is not None:
                 sampler = self._weighted_sampler()
@@ -299,6 +303,7 @@ class ScprintDataModule(L.LightningDataModule):
         """A held-out split in order through the fast path; through scdataloader's reader
         and Collator (numpy seeded per batch) when the files are not local. Either way a
         batch's random genes are keyed by its cells (scprint.trainer.resume.batch_seed)."""
+        self._set_up()
         if self.batches is not None:
             return [] if indices is None else self._loader(np.asarray(indices).tolist())
         stock = stock_loader()
@@ -306,8 +311,6 @@ class ScprintDataModule(L.LightningDataModule):
             return stock
         from scprint.trainer.resume import SeededCollate, SeededItems
 
-        if self.seed is None:
-            self.setup("fit")
         kwargs = self.inner.kwargs
         return DataLoader(
             SeededItems(stock.dataset, self.seed),

@@ -103,7 +103,9 @@ def validation_history(trainer) -> list[dict]:
     """Each validation loop's metrics (step, epoch, val/acc..., see ValidationMetrics)."""
     from scprint.trainer.validation import ValidationMetrics
 
-    return [row for cb in trainer.callbacks if isinstance(cb, ValidationMetrics) for row in cb.history]
+    return [
+        row for cb in trainer.callbacks if isinstance(cb, ValidationMetrics) for row in cb.history
+    ]
 
 
 # what may change between a run and its resumption: how long to train, and where from

@@ -164,59 +164,70 @@ class LocalSlurm:
         if "Success" not in check.stdout:
             raise ClusterUnavailable(f"munge does not work: {check.stdout}{check.stderr}")
 
-    def _write_config(self) -> None:
+    def slurm_settings(self) -> dict[str, object]:
+        """slurm.conf's KEY=VALUE settings; the site cluster changes some and adds its own."""
+        host, r = socket.gethostname().split(".")[0], self.root
+        return {
+            "ClusterName": "scprint-test",
+            "SlurmctldHost": f"{host}(127.0.0.1)",
+            "SlurmctldPort": free_port(),
+            "SlurmdPort": free_port(),
+            "AuthType": "auth/munge",
+            "AuthInfo": f"socket={self.munge_socket}",
+            "CredType": "cred/munge",
+            "SlurmUser": "root",
+            "SlurmdUser": "root",
+            "StateSaveLocation": f"{r}/state",
+            "SlurmdSpoolDir": f"{r}/spool",
+            "SlurmctldPidFile": f"{r}/run/slurmctld.pid",
+            "SlurmdPidFile": f"{r}/run/slurmd.pid",
+            "SlurmctldLogFile": f"{r}/log/slurmctld.log",
+            "SlurmdLogFile": f"{r}/log/slurmd.log",
+            "ProctrackType": "proctrack/linuxproc",
+            "TaskPlugin": "task/none",
+            "MpiDefault": "none",
+            "SwitchType": "switch/none",
+            "SelectType": "select/cons_tres",
+            "SelectTypeParameters": "CR_Core_Memory",
+            "GresTypes": "gpu",
+            "AccountingStorageType": "accounting_storage/none",
+            "JobAcctGatherType": "jobacct_gather/none",
+            "JobCompType": "jobcomp/none",
+            "SlurmdParameters": "config_overrides",
+            "MinJobAge": MIN_JOB_AGE_S,
+            "DefMemPerCPU": 1000,
+            "ReturnToService": 2,
+            "SchedulerType": "sched/backfill",
+            "SchedulerParameters": "sched_interval=2",
+            "SlurmctldTimeout": 30,
+            "SlurmdTimeout": 60,
+            "InactiveLimit": 0,
+            "KillWait": 5,
+            # jobs are not requeueable unless they ask (sbatch --requeue), as on many clusters
+            "JobRequeue": 0,
+        }
+
+    def nodes_and_partitions(self) -> str:
+        """slurm.conf's NodeName and PartitionName lines."""
         host = socket.gethostname().split(".")[0]
+        return (
+            f"NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} "
+            f"RealMemory={NODE_MEMORY_MB} Gres=gpu:2 State=UNKNOWN\n"
+            f"PartitionName=cpu Nodes={NODE} Default=YES MaxTime=INFINITE State=UP\n"
+            f"PartitionName=gpu Nodes={NODE} MaxTime=INFINITE State=UP\n"
+        ) + "".join(
+            f"PartitionName={name} Nodes={NODE} MaxTime={max_time or 'INFINITE'} State=UP\n"
+            for name, _, max_time in (p.partition(":") for p in self.extra_partitions)
+        )
+
+    def _write_slurm_conf(self) -> None:
+        settings = "".join(f"{key}={value}\n" for key, value in self.slurm_settings().items())
+        self.conf.write_text(f"{MARKER}\n{settings}{self.nodes_and_partitions()}")
+
+    def _write_config(self) -> None:
         for sub in ("state", "spool", "log", "run"):
             (self.root / sub).mkdir(exist_ok=True)
-        r = self.root
-        self.conf.write_text(
-            f"""{MARKER}
-ClusterName=scprint-test
-SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
-AuthType=auth/munge
-AuthInfo=socket={self.munge_socket}
-CredType=cred/munge
-SlurmUser=root
-SlurmdUser=root
-StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
-SlurmctldPidFile={r}/run/slurmctld.pid
-SlurmdPidFile={r}/run/slurmd.pid
-SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-SwitchType=switch/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-GresTypes=gpu
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-SlurmdParameters=config_overrides
-MinJobAge={MIN_JOB_AGE_S}
-DefMemPerCPU=1000
-ReturnToService=2
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2
-SlurmctldTimeout=30
-SlurmdTimeout=60
-InactiveLimit=0
-KillWait=5
-# Jobs are not requeueable unless they ask (sbatch --requeue), as on many clusters.
-JobRequeue=0
-NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} RealMemory={NODE_MEMORY_MB} Gres=gpu:2 State=UNKNOWN
-PartitionName=cpu Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
-PartitionName=gpu Nodes={NODE} MaxTime=INFINITE State=UP
-"""
-            + "".join(
-                f"PartitionName={name} Nodes={NODE} MaxTime={max_time or 'INFINITE'} State=UP\n"
-                for name, _, max_time in (p.partition(":") for p in self.extra_partitions)
-            )
-        )
+        self._write_slurm_conf()
         (SLURM_ETC / "gres.conf").write_text(
             f"{MARKER}\n"
             f"NodeName={NODE} Name=gpu File=/dev/null\n"

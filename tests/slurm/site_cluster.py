@@ -41,7 +41,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cluster import (  # noqa: E402
     MARKER,
-    MIN_JOB_AGE_S,
     SLURM_ETC,
     ClusterUnavailable,
     LocalSlurm,
@@ -83,6 +82,7 @@ def netns(node: str) -> str:
 @dataclass
 class SiteSlurm(LocalSlurm):
     dbd_conf: Path = SLURM_ETC / "slurmdbd.conf"
+    dbd_port: int = 0  # chosen when the config is written
 
     def start(self, timeout_s: float = 90) -> None:
         reason = why_site_unavailable()
@@ -239,15 +239,47 @@ class SiteSlurm(LocalSlurm):
         ):
             self.run("sacctmgr", "-i", *args)
 
+    def slurm_settings(self) -> dict[str, object]:
+        """The one-node cluster's settings, changed for two nodes in their own namespaces
+        (per-node spool, pid and log files), cgroup memory limits and enforced accounting."""
+        r = self.root
+        return super().slurm_settings() | {
+            "SlurmctldHost": f"{socket.gethostname().split('.')[0]}({HOST_ADDR})",
+            "SlurmdSpoolDir": f"{r}/spool/%n",
+            "SlurmdPidFile": f"{r}/run/slurmd-%n.pid",
+            "SlurmdLogFile": f"{r}/log/slurmd-%n.log",
+            "TaskPlugin": "task/cgroup",
+            "GresTypes": f"gpu,{GPU_MEMORY_GRES}",
+            "AccountingStorageType": "accounting_storage/slurmdbd",
+            "AccountingStorageHost": "127.0.0.1",
+            "AccountingStoragePort": self.dbd_port,
+            # for slurmdbd connections the munge socket is this setting, not AuthInfo
+            "AccountingStoragePass": self.munge_socket,
+            "AccountingStorageEnforce": "associations,limits,qos",
+            "AccountingStorageTRES": f"gres/gpu,gres/gpu:{GPU_TYPE},gres/{GPU_MEMORY_GRES}",
+        }
+
+    def nodes_and_partitions(self) -> str:
+        return "".join(
+            f"NodeName={node} NodeHostname={node} NodeAddr={addr} CPUs={NODE_CPUS} "
+            f"RealMemory={NODE_MEMORY_MB} "
+            f"Gres=gpu:{GPU_TYPE}:2,{GPU_MEMORY_GRES}:no_consume:{GPU_MEMORY} State=UNKNOWN\n"
+            for node, addr in NODES.items()
+        ) + (
+            "PartitionName=cpu Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP\n"
+            "PartitionName=gpu Nodes=node[1-2] AllowQos=gpu MaxTime=INFINITE State=UP\n"
+            "PartitionName=short Nodes=node[1-2] AllowQos=gpu MaxTime=60 State=UP\n"
+        )
+
     def _write_config(self) -> None:
-        r, dbd_port = self.root, free_port()
+        r, self.dbd_port = self.root, free_port()
         self.dbd_conf.write_text(
             f"""{MARKER}
 AuthType=auth/munge
 AuthInfo=socket={self.munge_socket}
 DbdHost=localhost
 DbdAddr=127.0.0.1
-DbdPort={dbd_port}
+DbdPort={self.dbd_port}
 SlurmUser=root
 PidFile={r}/run/slurmdbd.pid
 LogFile={r}/log/slurmdbd.log
@@ -260,62 +292,7 @@ StorageLoc=slurm_acct_db
 """
         )
         self.dbd_conf.chmod(0o600)
-        host = f"{socket.gethostname().split('.')[0]}({HOST_ADDR})"
-        node_lines = "".join(
-            f"NodeName={node} NodeHostname={node} NodeAddr={addr} CPUs={NODE_CPUS} "
-            f"RealMemory={NODE_MEMORY_MB} "
-            f"Gres=gpu:{GPU_TYPE}:2,{GPU_MEMORY_GRES}:no_consume:{GPU_MEMORY} State=UNKNOWN\n"
-            for node, addr in NODES.items()
-        )
-        self.conf.write_text(
-            f"""{MARKER}
-ClusterName=scprint-test
-SlurmctldHost={host}
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
-AuthType=auth/munge
-AuthInfo=socket={self.munge_socket}
-CredType=cred/munge
-SlurmUser=root
-SlurmdUser=root
-StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool/%n
-SlurmctldPidFile={r}/run/slurmctld.pid
-SlurmdPidFile={r}/run/slurmd-%n.pid
-SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/cgroup
-MpiDefault=none
-SwitchType=switch/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-GresTypes=gpu,{GPU_MEMORY_GRES}
-AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=127.0.0.1
-AccountingStoragePort={dbd_port}
-# for slurmdbd connections the munge socket is this setting, not AuthInfo
-AccountingStoragePass={self.munge_socket}
-AccountingStorageEnforce=associations,limits,qos
-AccountingStorageTRES=gres/gpu,gres/gpu:{GPU_TYPE},gres/{GPU_MEMORY_GRES}
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-SlurmdParameters=config_overrides
-MinJobAge={MIN_JOB_AGE_S}
-DefMemPerCPU=1000
-ReturnToService=2
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2
-SlurmctldTimeout=30
-SlurmdTimeout=60
-InactiveLimit=0
-KillWait=5
-JobRequeue=0
-{node_lines}PartitionName=cpu Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP
-PartitionName=gpu Nodes=node[1-2] AllowQos=gpu MaxTime=INFINITE State=UP
-PartitionName=short Nodes=node[1-2] AllowQos=gpu MaxTime=60 State=UP
-"""
-        )
+        self._write_slurm_conf()
         # memory limits as sites enforce them: this VM mounts cgroup v1 controllers, memory
         # writable (cgroup v2 here is an empty unified tree); each slurmd makes its own
         # tree, /sys/fs/cgroup/memory/slurm_<node>

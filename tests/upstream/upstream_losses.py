@@ -24,13 +24,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests" / "netguard"))
+sys.path.insert(0, str(REPO / "tests" / "upstream"))  # -I leaves the script's folder out
 
 import sitecustomize  # noqa: E402,F401  (the network guard, when SCPRINT_NETGUARD is set)
+from record_steps import RecordSteps  # noqa: E402
 from seed_step import shim_torchvision  # noqa: E402
+from upstream_model import tiny_scprint  # noqa: E402
 
 N_GENES, B, L, L_LONG = 450, 6, 24, 420
-CLASSES = {"cell_type_ontology_term_id": 5, "organism_ontology_term_id": 2}
-HIERARCHY = {"cell_type_ontology_term_id": {5: [0, 1], 6: [2, 3, 4]}}
 # cell type: leaves, unknown (-1) and both parents; organism: leaves and an unknown
 LABELS = [[0, 0], [5, 1], [-1, 1], [3, -1], [6, 0], [1, 1]]
 # scenario -> upstream TrainingMode keys (the rest at upstream's defaults)
@@ -49,31 +50,8 @@ SCENARIOS = {
 
 
 def build_model():
-    import torch
-
-    from scprint import scPrint
-
-    torch.manual_seed(0)
-    model = scPrint(
-        genes=[f"ENSG{i:011d}" for i in range(N_GENES)],
-        organisms=["NCBITaxon:9606", "NCBITaxon:10090"],
-        d_model=32,
-        nhead=4,
-        nlayers=2,
-        gene_pos_enc=[1 + i // 3 for i in range(N_GENES)],
-        transformer="normal",
-        layers_cls=[16],
-        classes=CLASSES,
-        labels_hierarchy=HIERARCHY,
-        label_decoders={k: {i: f"{k}:{i}" for i in range(n)} for k, n in CLASSES.items()},
-        residual_in_fp32=True,
-        dropout=0.0,
-        mvc_decoder="inner product",
-    )
-    with torch.no_grad():  # move every weight off its trivial init (LN = 1, biases = 0)
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+    """dropout 0: a training-mode step is deterministic once its noise and masks are fixed"""
+    return tiny_scprint(N_GENES, dropout=0.0, mvc_decoder="inner product")
 
 
 def batches():
@@ -255,16 +233,6 @@ def schedule(out: Path) -> None:
         draws.append(res.detach().clone())
         return res
 
-    class Record(L_.Callback):
-        def __init__(self):
-            self.lr, self.val_loss = [], []
-
-        def on_train_batch_end(self, trainer, *args):
-            self.lr.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-        def on_validation_end(self, trainer, pl_module):
-            self.val_loss.append(float(trainer.callback_metrics["val_loss"]))
-
     for variant in ("as-is", "once", "model-lr"):
         draws.clear()
         upstream_utils.downsample_profile = record_downsample
@@ -276,7 +244,7 @@ def schedule(out: Path) -> None:
             keys["lr"] = keys["lr"] * 10
         if variant == "once":
             model.lr_scheduler_step = lambda scheduler, metric: None
-        record = Record()
+        record = RecordSteps()
         trainer = L_.Trainer(
             logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, accelerator="cpu",

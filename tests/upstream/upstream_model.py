@@ -37,23 +37,23 @@ VARIANTS = {
 }
 
 
-def build(out: Path, variant: str = "docs") -> None:
-    import lightning as L_
-    import numpy as np
+def tiny_scprint(n_genes: int, **overrides):
+    """The tiny upstream scPrint the upstream tests compare with (2 layers, d_model 32,
+    gene positions in threes), every weight moved off its trivial init (LN = 1, biases = 0);
+    ``overrides`` replace constructor arguments (dropout, MVC decoder, ...)."""
     import torch
 
     shim_torchvision()
     from scprint import scPrint
 
     torch.manual_seed(0)
-    genes = [f"ENSG{i:011d}" for i in range(N_GENES)]
-    model = scPrint(
-        genes=genes,
+    arguments = dict(
+        genes=[f"ENSG{i:011d}" for i in range(n_genes)],
         organisms=["NCBITaxon:9606", "NCBITaxon:10090"],
         d_model=32,
         nhead=4,
         nlayers=2,
-        gene_pos_enc=[1 + i // 3 for i in range(N_GENES)],
+        gene_pos_enc=[1 + i // 3 for i in range(n_genes)],
         transformer="normal",
         layers_cls=[16],
         classes=CLASSES,
@@ -61,11 +61,19 @@ def build(out: Path, variant: str = "docs") -> None:
         label_decoders={k: {i: f"{k}:{i}" for i in range(n)} for k, n in CLASSES.items()},
         residual_in_fp32=True,
         dropout=0.1,
-        **VARIANTS[variant],
     )
-    with torch.no_grad():  # move every weight off its trivial init (LN = 1, biases = 0)
+    model = scPrint(**(arguments | overrides))
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def build(out: Path, variant: str = "docs") -> None:
+    import lightning as L_
+    import numpy as np
+
+    model = tiny_scprint(N_GENES, **VARIANTS[variant])
     trainer = L_.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
     trainer.strategy.connect(model)
     trainer.save_checkpoint(out / "upstream.ckpt")
