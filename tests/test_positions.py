@@ -7,8 +7,8 @@ import pytest
 from conftest import run_cli
 
 from scprint.cli import main
-from scprint.data.organisms import read_coordinates
-from scprint.embeddings.positions import chrom_sort_key, rank_genes
+from scprint.data.organisms import chrom_sort_key, read_coordinates
+from scprint.embeddings.positions import rank_genes
 from scprint.io import StageError
 
 # chrom, start, end, gene_id: deliberately unsorted, with versioned ids

